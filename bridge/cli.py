@@ -1,0 +1,192 @@
+"""The `iotbridge` command: broker, bridge, worker, simulate, demo, check-config.
+
+Each long-running command is built the same way: settings, logging, metrics registry, then the
+component's `run(stop)` beside the /metrics /healthz /readyz server (`observability.lifecycle`).
+Components are imported inside their command so `check-config` starts fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Protocol
+
+import typer
+from prometheus_client import CollectorRegistry
+
+from config import loader
+from config.errors import ConfigError
+from config.settings import Settings
+from observability.lifecycle import serve
+from observability.logs import setup_logging
+
+log = logging.getLogger("iotbridge")
+
+app = typer.Typer(
+    name="iotbridge",
+    help="MQTT-native edge-to-cloud bridge for industrial telemetry.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Settings file (default: the shipped settings.yaml)."),
+]
+LogFormatOption = Annotated[
+    str | None, typer.Option("--log-format", help="text or json (default: logging.format).")
+]
+LogLevelOption = Annotated[str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING.")]
+
+
+class Component(Protocol):
+    """What every long-running part offers the command line."""
+
+    def readiness(self) -> tuple[bool, str]: ...
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+def _settings(config: Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
+    try:
+        settings = loader.load(config)
+        if overrides:
+            data = settings.model_dump()
+            for section, values in overrides.items():
+                data[section].update({k: v for k, v in values.items() if v is not None})
+            settings = Settings.model_validate(data)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            typer.echo(f"{exc.source}: {problem}" if exc.source else str(problem), err=True)
+        raise typer.Exit(2) from exc
+    return settings
+
+
+def _logging(settings: Settings, log_format: str | None, log_level: str | None) -> None:
+    setup_logging(log_level or settings.logging.level, log_format or settings.logging.format)
+
+
+def _run(component: Component, host: str, port: int, registry: CollectorRegistry) -> None:
+    asyncio.run(
+        serve(host=host, port=port, registry=registry, readiness=component.readiness,
+              body=component.run)
+    )
+
+
+@app.command("check-config")
+def check_config(
+    file: Annotated[Path | None, typer.Argument(help="Settings file to check.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Validate a settings file: each problem with its YAML path, or a one-line summary."""
+    path = file or config
+    try:
+        settings = loader.load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            typer.echo(f"{exc.source}: {problem}", err=True)
+        typer.echo(f"{len(exc.problems)} problem(s) in {exc.source}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"{path or loader.default_settings_path()}: {loader.summary(settings)}")
+
+
+@app.command()
+def broker(
+    config: ConfigOption = None, log_format: LogFormatOption = None, log_level: LogLevelOption = None
+) -> None:
+    """Run the embedded amqtt broker (MQTT 3.1.1) on broker.host:broker.port."""
+    from broker.embedded import EmbeddedBroker
+
+    settings = _settings(config)
+    _logging(settings, log_format, log_level)
+    registry = CollectorRegistry()
+    component = EmbeddedBroker(settings, registry)
+    _run(component, settings.broker.metrics_host, settings.broker.metrics_port, registry)
+
+
+@app.command()
+def bridge(
+    config: ConfigOption = None, log_format: LogFormatOption = None, log_level: LogLevelOption = None
+) -> None:
+    """Subscribe to the routes' topics, validate, and append to Redis Streams."""
+    from bridge.app import BridgeApp
+
+    settings = _settings(config)
+    _logging(settings, log_format, log_level)
+    registry = CollectorRegistry()
+    component = BridgeApp(settings, registry)
+    _run(component, settings.bridge.metrics_host, settings.bridge.metrics_port, registry)
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None, log_format: LogFormatOption = None, log_level: LogLevelOption = None
+) -> None:
+    """Read telemetry in a consumer group, run the detectors, write anomalies."""
+    from workers.app import WorkerApp
+
+    settings = _settings(config)
+    _logging(settings, log_format, log_level)
+    registry = CollectorRegistry()
+    component = WorkerApp(settings, registry)
+    _run(component, settings.worker.metrics_host, settings.worker.metrics_port, registry)
+
+
+@app.command()
+def simulate(
+    config: ConfigOption = None,
+    assets: Annotated[int | None, typer.Option(help="Virtual assets.")] = None,
+    rate: Annotated[float | None, typer.Option(help="Messages per second per asset.")] = None,
+    duration: Annotated[float | None, typer.Option(help="Seconds to run.")] = None,
+    qos: Annotated[int | None, typer.Option(help="Publish QoS (0 or 1).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    log_format: LogFormatOption = None,
+    log_level: LogLevelOption = None,
+) -> None:
+    """Drive a fleet of virtual assets over MQTT; print what was sent and acknowledged (JSON)."""
+    from simulators.app import SimulatorApp
+
+    overrides = {"simulator": {"assets": assets, "rate_hz": rate, "duration_s": duration,
+                               "qos": qos, "seed": seed}}  # fmt: skip
+    settings = _settings(config, overrides)
+    _logging(settings, log_format, log_level)
+    registry = CollectorRegistry()
+    component = SimulatorApp(settings, registry)
+    _run(component, settings.simulator.metrics_host, settings.simulator.metrics_port, registry)
+    typer.echo(json.dumps(component.report(), sort_keys=True))
+    if component.report().get("failed", 0):
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    config: ConfigOption = None,
+    assets: Annotated[int, typer.Option(help="Virtual assets of the simulator.")] = 1000,
+    duration: Annotated[float, typer.Option(help="Seconds to run (0: until Ctrl-C).")] = 0,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where the demo keeps its files (default: a temp dir).")
+    ] = None,
+    log_format: LogFormatOption = None,
+) -> None:
+    """Run everything on this machine: broker, Redis, bridge, worker and simulator."""
+    from bridge.demo import run_demo
+
+    settings = _settings(config)
+    _logging(settings, log_format, "WARNING")
+    raise typer.Exit(run_demo(settings, config, assets=assets, duration_s=duration, workdir=workdir))
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:  # a Ctrl-C before the signal handlers are installed
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The stream record contract: how a telemetry entry and a dead letter are laid out in Redis.
+
+A telemetry entry has the fields `asset`, `seq`, `ts` (device time, epoch seconds), `topic`,
+`route`, `rx` (bridge receive time, epoch seconds), one field per named topic level, and one field
+`v.<name>` per value. A dead letter has `topic`, `reason`, `error`, `rx` and `payload` (capped).
+The worker reads entries back with `decode_values`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+
+VALUE_PREFIX = "v."
+
+
+class Reason(StrEnum):
+    """Why a message was dead-lettered: a fixed set, also the `reason` metric label."""
+
+    SIZE = "size"
+    JSON = "json"
+    SCHEMA = "schema"
+    TOPIC = "topic"
+    IDENTITY = "identity"
+    CLOCK = "clock"
+    RATE = "rate"
+
+
+def value_field(name: str) -> str:
+    return VALUE_PREFIX + name
+
+
+def decode_values(fields: Mapping[str, str]) -> dict[str, float]:
+    """The `v.<name>` fields of an entry as floats (the bridge only stores finite numbers)."""
+    return {
+        key[len(VALUE_PREFIX) :]: float(value)
+        for key, value in fields.items()
+        if key.startswith(VALUE_PREFIX)
+    }

@@ -1,0 +1,87 @@
+"""Process lifecycle shared by every command: signals, backoff, and the serve-then-drain frame.
+
+A signal sets the stop event; each stage watches it and drains. A second signal forces the exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import CollectorRegistry
+
+from config.settings import BackoffSettings
+from observability.http import HealthServer, ReadinessCheck
+
+log = logging.getLogger(__name__)
+
+FORCED_EXIT_CODE = 130
+
+
+class Backoff:
+    """Capped, jittered exponential delays; `reset()` after a success.
+
+    One object per dependency (MQTT, Redis), all built from the same settings.
+    """
+
+    def __init__(self, settings: BackoffSettings, rng: random.Random | None = None) -> None:
+        self._settings = settings
+        self._rng = rng or random.Random()
+        self.attempts = 0
+
+    def next_delay(self) -> float:
+        s = self._settings
+        base = min(s.max_s, s.initial_s * s.multiplier**self.attempts)
+        self.attempts += 1
+        return max(0.0, base * (1 + self._rng.uniform(-s.jitter, s.jitter)))
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+    async def wait(self, stop: asyncio.Event) -> bool:
+        """Sleep the next delay, or less if `stop` is set; True when stopping."""
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=self.next_delay())
+        except TimeoutError:
+            return False
+        return True
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set `stop`; a second one exits at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("second %s, exiting without draining", name)
+            os._exit(FORCED_EXIT_CODE)
+        log.info("%s received, stopping", name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+async def serve(
+    *,
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    readiness: ReadinessCheck,
+    body: Callable[[asyncio.Event], Awaitable[None]],
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run `body(stop)` beside the health server until it returns; signals set `stop`."""
+    stop = stop or asyncio.Event()
+    install_signal_handlers(stop)
+    server = HealthServer(host, port, registry, readiness)
+    await server.start()
+    try:
+        await body(stop)
+    finally:
+        await server.close()

