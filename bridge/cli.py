@@ -72,8 +72,13 @@ def _logging(settings: Settings, log_format: str | None, log_level: str | None) 
 
 def _run(component: Component, host: str, port: int, registry: CollectorRegistry) -> None:
     asyncio.run(
-        serve(host=host, port=port, registry=registry, readiness=component.readiness,
-              body=component.run)
+        serve(
+            host=host,
+            port=port,
+            registry=registry,
+            readiness=component.readiness,
+            body=component.run,
+        )
     )
 
 
@@ -96,7 +101,9 @@ def check_config(
 
 @app.command()
 def broker(
-    config: ConfigOption = None, log_format: LogFormatOption = None, log_level: LogLevelOption = None
+    config: ConfigOption = None,
+    log_format: LogFormatOption = None,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Run the embedded amqtt broker (MQTT 3.1.1) on broker.host:broker.port."""
     from broker.embedded import EmbeddedBroker
@@ -110,7 +117,9 @@ def broker(
 
 @app.command()
 def bridge(
-    config: ConfigOption = None, log_format: LogFormatOption = None, log_level: LogLevelOption = None
+    config: ConfigOption = None,
+    log_format: LogFormatOption = None,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Subscribe to the routes' topics, validate, and append to Redis Streams."""
     from bridge.app import BridgeApp
@@ -124,7 +133,9 @@ def bridge(
 
 @app.command()
 def worker(
-    config: ConfigOption = None, log_format: LogFormatOption = None, log_level: LogLevelOption = None
+    config: ConfigOption = None,
+    log_format: LogFormatOption = None,
+    log_level: LogLevelOption = None,
 ) -> None:
     """Read telemetry in a consumer group, run the detectors, write anomalies."""
     from workers.app import WorkerApp
@@ -177,7 +188,9 @@ def demo(
 
     settings = _settings(config)
     _logging(settings, log_format, "WARNING")
-    raise typer.Exit(run_demo(settings, config, assets=assets, duration_s=duration, workdir=workdir))
+    raise typer.Exit(
+        run_demo(settings, config, assets=assets, duration_s=duration, workdir=workdir)
+    )
 
 
 def main() -> None:

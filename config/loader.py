@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ _COMPARISONS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<
 
 def default_settings_path() -> Path:
     """The shipped `config/settings.yaml`."""
-    return Path(str(resources.files("config").joinpath("settings.yaml")))
+    return Path(__file__).with_name("settings.yaml")
 
 
 def format_path(loc: tuple[int | str, ...]) -> str:
@@ -73,7 +72,9 @@ def _substitute(node: Any, path: tuple[int | str, ...], problems: list[ConfigPro
         name, default = match.group(1), match.group(2)
         value = os.environ.get(name, default)
         if value is None:
-            problems.append(ConfigProblem(format_path(path), f"environment variable {name} is not set"))
+            problems.append(
+                ConfigProblem(format_path(path), f"environment variable {name} is not set")
+            )
             return ""
         return value
 

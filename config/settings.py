@@ -91,7 +91,8 @@ class MqttSettings(Section):
 
 class RedisSettings(Section):
     url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Redis address: redis://host:port/db (rediss:// TLS)."
+        "redis://127.0.0.1:6379/0",
+        description="Redis address: redis://host:port/db (rediss:// TLS).",
     )
     key_prefix: Name = Field("iotbridge", description="Prefix of every key iotbridge writes.")
     username: str | None = Field(None, description="Redis ACL user name.")
@@ -264,14 +265,18 @@ class SimulatorSettings(Section):
     assets_per_connection: int = Field(
         250, gt=0, description="Assets multiplexed over one MQTT connection."
     )
-    max_in_flight: int = Field(1000, gt=0, description="Unacknowledged QoS 1 publishes per connection.")
+    max_in_flight: int = Field(
+        1000, gt=0, description="Unacknowledged QoS 1 publishes per connection."
+    )
     anomaly_rate: float = Field(
         0.001, ge=0, le=1, description="Chance per message of an out-of-range value."
     )
     seed: int = Field(1, description="Random seed, so a run can be repeated exactly.")
     client_id_prefix: Name = Field("iotbridge-sim", description="Client id prefix per connection.")
     metrics_host: str = Field("127.0.0.1", description="Address of /metrics, /healthz, /readyz.")
-    metrics_port: int = Field(9103, ge=0, le=65535, description="Port of the simulator's HTTP server.")
+    metrics_port: int = Field(
+        9103, ge=0, le=65535, description="Port of the simulator's HTTP server."
+    )
 
 
 class BrokerSettings(Section):

@@ -41,7 +41,9 @@ class HealthServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self._host, self._port)
-        log.info("serving /metrics /healthz /readyz", extra={"url": f"http://{self._host}:{self.port}"})
+        log.info(
+            "serving /metrics /healthz /readyz", extra={"url": f"http://{self._host}:{self.port}"}
+        )
 
     async def close(self) -> None:
         if self._server is not None:
@@ -64,17 +66,29 @@ class HealthServer:
             if len(head) > _MAX_REQUEST_BYTES:
                 return
             request_line = head.split(b"\r\n", 1)[0].decode("latin-1").split()
-            method, path = (request_line + ["", ""])[:2]
+            method, path = [*request_line, "", ""][:2]
             path = path.split("?", 1)[0]
-            status, ctype, body = (405, "text/plain", b"") if method not in ("GET", "HEAD") else self._respond(path)
-            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}[status]
+            status, ctype, body = (
+                (405, "text/plain", b"") if method not in ("GET", "HEAD") else self._respond(path)
+            )
+            reason = {
+                200: "OK",
+                404: "Not Found",
+                405: "Method Not Allowed",
+                503: "Service Unavailable",
+            }[status]
             writer.write(
                 f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                 + (body if method == "GET" else b"")
             )
             await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+        ):
             pass
         finally:
             writer.close()

@@ -35,7 +35,7 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     """`2026-11-26T20:41:07Z INFO bridge.source mqtt connected (host=... port=...)`."""
 
-    converter = time.gmtime
+    converter = time.gmtime  # type: ignore[assignment]  # stdlib stub is narrower than gmtime
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
