@@ -81,14 +81,23 @@ def make_settings(
     def build(**sections: Any) -> Settings:
         url, protocol = mqtt_broker
         data: dict[str, Any] = {
-            "mqtt": {"url": url, "protocol": protocol, "client_id": f"{unique}-bridge",
-                     "keepalive_s": 10},
+            "mqtt": {
+                "url": url,
+                "protocol": protocol,
+                "client_id": f"{unique}-bridge",
+                "keepalive_s": 10,
+            },
             "redis": {"url": redis_url, "key_prefix": unique},
             "backoff": {"initial_s": 0.05, "max_s": 1.0},
             "bridge": {
-                "routes": [{"name": "telemetry",
-                            "topic": f"{unique}/plant/{{site}}/{{line}}/{{asset}}/telemetry"}],
-                "metrics_port": 0, "shutdown_grace_s": 5,
+                "routes": [
+                    {
+                        "name": "telemetry",
+                        "topic": f"{unique}/plant/{{site}}/{{line}}/{{asset}}/telemetry",
+                    }
+                ],
+                "metrics_port": 0,
+                "shutdown_grace_s": 5,
             },
             "worker": {"metrics_port": 0, "block_ms": 100, "shutdown_grace_s": 5},
             "simulator": {"metrics_port": 0, "client_id_prefix": f"{unique}-sim"},

@@ -32,7 +32,9 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.02) -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.02
+) -> None:
     """Poll a condition until it holds; fail with `what` after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -65,12 +67,18 @@ class Service:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
                 env={**os.environ, **self.env},
             )
         try:
-            wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, timeout_s,
-                       f"{self.name} on port {self.port}")
+            wait_until(
+                lambda: port_open(self.port) or self.proc.poll() is not None,
+                timeout_s,
+                f"{self.name} on port {self.port}",
+            )
         except TimeoutError:
             self.kill()
             raise
@@ -125,8 +133,22 @@ def redis_service(workdir: Path, port: int | None = None, *extra: str) -> Servic
     if binary is None:
         return None
     port = port or free_port()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(workdir), "--daemonize", "no", *extra]
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(workdir),
+        "--daemonize",
+        "no",
+        *extra,
+    ]
     return Service("redis", argv, port, workdir)
 
 
@@ -136,7 +158,9 @@ def mosquitto_binary() -> str | None:
     )
 
 
-def mosquitto_service(workdir: Path, port: int | None = None, extra_conf: str = "") -> Service | None:
+def mosquitto_service(
+    workdir: Path, port: int | None = None, extra_conf: str = ""
+) -> Service | None:
     binary = mosquitto_binary()
     if binary is None:
         return None
