@@ -228,10 +228,13 @@ class MqttSource:
             properties.ReceiveMaximum = s.receive_maximum
         try:
             # connect() resolves and opens a socket: blocking, so off the event loop.
-            await asyncio.to_thread(
-                self._client.connect, s.host, s.port, s.keepalive_s,
-                clean_start=False, properties=properties,
-            )  # fmt: skip
+            if properties is None:
+                await asyncio.to_thread(self._client.connect, s.host, s.port, s.keepalive_s)
+            else:
+                await asyncio.to_thread(
+                    self._client.connect, s.host, s.port, s.keepalive_s,
+                    clean_start=False, properties=properties,
+                )  # fmt: skip
             async with asyncio.timeout(s.connect_timeout_s):
                 code, session_present = await self._connack
         except (OSError, TimeoutError, ssl.SSLError) as exc:

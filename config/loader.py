@@ -103,7 +103,9 @@ def parse(text: str, source: str = "<string>") -> Settings:
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        problems.extend(problems_from(exc))
+        # A value left empty by a missing variable is reported once, as the missing variable.
+        unset = {p.path for p in problems}
+        problems.extend(p for p in problems_from(exc) if p.path not in unset)
         raise ConfigError(problems, source) from exc
     if problems:
         raise ConfigError(problems, source)

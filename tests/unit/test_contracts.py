@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.contracts import validate_telemetry
+from config.errors import PayloadRejected
+
+
+def _reason(payload: bytes, asset: str = "a1", limit: int = 65536) -> str:
+    with pytest.raises(PayloadRejected) as caught:
+        validate_telemetry(payload, asset, limit)
+    return caught.value.reason
+
+
+def test_a_valid_payload_becomes_a_sample() -> None:
+    sample = validate_telemetry(
+        b'{"ts": 1767225600.25, "seq": 4, "values": {"t": 1.5, "rpm": 900}}', "a1", 1000
+    )
+    assert (sample.asset, sample.seq, sample.ts, sample.values) == (
+        "a1",
+        4,
+        1767225600.25,
+        {"t": 1.5, "rpm": 900.0},
+    )
+
+
+def test_rfc3339_timestamps_are_accepted() -> None:
+    sample = validate_telemetry(
+        b'{"ts": "2026-01-01T00:00:00+01:00", "seq": 0, "values": {"t": 1}}', "a1", 1000
+    )
+    assert sample.ts == 1767222000.0
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b'{"ts": 1, "seq": 1, "values": {"t": 1}', "json"),
+        (b"\xff\xfe\x00", "json"),
+        (b"", "json"),
+        (b'{"ts": 1, "seq": 1, "values": {"t": NaN}}', "schema"),
+        (b'{"ts": 1, "seq": 1, "values": {"t": Infinity}}', "schema"),
+        (b'{"ts": 1, "seq": 1, "values": {"t": 1e400}}', "schema"),
+        (b'{"ts": 1, "seq": 1, "values": {"t": true}}', "schema"),
+        (b'{"ts": 1, "seq": 1, "values": {"t": "1.5"}}', "schema"),
+        (b'{"ts": 1, "seq": 1.5, "values": {"t": 1}}', "schema"),
+        (b'{"ts": 1, "seq": -1, "values": {"t": 1}}', "schema"),
+        (b'{"ts": 1, "seq": 1, "values": {}}', "schema"),
+        (b'{"ts": 1, "seq": 1, "values": {"bad name": 1}}', "schema"),
+        (b'{"ts": 1, "seq": 1, "values": {"t": 1}, "extra": 1}', "schema"),
+        (b'{"ts": "yesterday", "seq": 1, "values": {"t": 1}}', "schema"),
+        (b'{"ts": 1, "seq": 1, "values": {"t": 1}, "asset": "a2"}', "identity"),
+        (b"[" * 200 + b"]" * 200, "schema"),
+    ],
+)
+def test_bad_payloads_get_a_reason(payload: bytes, reason: str) -> None:
+    assert _reason(payload) == reason
+
+
+def test_size_is_checked_before_parsing() -> None:
+    assert _reason(b"x" * 2000, limit=1000) == "size"
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_are_accepted_or_rejected_never_crash(payload: bytes) -> None:
+    try:
+        sample = validate_telemetry(payload, "a1", 65536)
+    except PayloadRejected as exc:
+        assert exc.reason in {"json", "schema", "identity"}
+    else:
+        assert all(math.isfinite(v) for v in sample.values.values())
+
+
+@given(
+    st.dictionaries(
+        st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True),
+        st.floats(allow_nan=True, allow_infinity=True),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_only_finite_values_pass(values: dict[str, float]) -> None:
+    payload = json.dumps({"ts": 1.0, "seq": 1, "values": values}).encode()
+    finite = all(math.isfinite(v) for v in values.values())
+    if finite:
+        assert validate_telemetry(payload, "a1", 65536).values == values
+    else:
+        assert _reason(payload) in {"json", "schema"}
