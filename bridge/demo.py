@@ -86,7 +86,7 @@ class Child:
     def start(self) -> None:
         with self.log.open("ab") as out:
             # Own session: Ctrl-C reaches only the demo, which stops the children in order.
-            self.proc = subprocess.Popen(
+            self.proc = subprocess.Popen(  # noqa: S603 -- argv is our own interpreter and binaries
                 self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, **self.env},
             )  # fmt: skip

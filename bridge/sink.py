@@ -34,11 +34,14 @@ class Append:
     fields: Sequence[bytes | str]
 
 
-def redis_client(settings: RedisSettings) -> aioredis.Redis:
+def redis_client(
+    settings: RedisSettings, *, decode_responses: bool = False, client_name: str | None = None
+) -> aioredis.Redis:
     """A client with short timeouts and no blind retries: the caller owns retry decisions.
 
     redis-py's defaults retry a timed-out write three times (measured: 14 s to fail one XADD to
-    a stopped Redis, which it then applied anyway), so a retry here could duplicate a batch.
+    a stopped Redis, which it then applied anyway), so a retry here could duplicate a batch and
+    would hide an outage from the caller's backoff, logs and metrics.
     """
     return aioredis.Redis.from_url(
         settings.url,
@@ -49,6 +52,8 @@ def redis_client(settings: RedisSettings) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
         health_check_interval=0,
+        decode_responses=decode_responses,
+        client_name=client_name,
     )
 
 

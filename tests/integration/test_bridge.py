@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import subprocess
@@ -40,7 +41,8 @@ async def test_one_valid_and_one_invalid_publish_with_mosquitto_pub(
     async with running_bridge(settings) as app:
         for payload in ('{"ts": 1767225600, "seq": 1, "values": {"temperature": 50.5}}',
                         '{"ts": 1767225600, "seq": "two"}'):  # fmt: skip
-            subprocess.run(
+            await asyncio.to_thread(
+                subprocess.run,
                 ["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", "1",
                  "-t", _topic(unique), "-m", payload], check=True, timeout=10,
             )  # fmt: skip
@@ -70,11 +72,11 @@ async def test_every_message_is_counted_once_and_lands_in_one_stream(
             publisher.publish(_topic(unique, f"a{seq % 7}"), telemetry(seq, temperature=seq * 0.5))
         for i in range(bad_json):
             publisher.publish(_topic(unique), b'{"ts": 1, "seq": ' + str(i).encode())
-        for i in range(bad_schema):
+        for _ in range(bad_schema):
             publisher.publish(_topic(unique), b'{"ts": 1, "seq": 1, "values": {"t": "hot"}}')
         for i in range(bad_level):
             publisher.publish(_topic(unique, "a b"), telemetry(i))
-        for i in range(wrong_asset):
+        for _ in range(wrong_asset):
             publisher.publish(
                 _topic(unique, "a1"), b'{"ts": 1, "seq": 1, "values": {"t": 1}, "asset": "a2"}'
             )

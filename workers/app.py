@@ -1,0 +1,60 @@
+"""The worker process: wiring only. Settings in, a consumer with its detectors, metrics and Redis
+client out; `run(stop)` until stop, then at most `worker.shutdown_grace_s` to finish the batch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import CollectorRegistry
+
+from bridge.sink import redis_client
+from config.settings import Settings
+from observability.metrics import WorkerMetrics
+from workers.consumer import Consumer, consumer_name
+from workers.detectors import Detector
+from workers.detectors.threshold import ThresholdDetector
+
+log = logging.getLogger(__name__)
+
+
+def build_detectors(settings: Settings) -> list[Detector]:
+    return [ThresholdDetector(settings.worker.detectors.threshold)]
+
+
+class WorkerApp:
+    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
+        self._settings = settings
+        self.metrics = WorkerMetrics(registry)
+        self.consumer = Consumer(
+            settings, self.metrics, build_detectors(settings), consumer_name(settings.worker)
+        )
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready when Redis answers and the consumer group exists."""
+        return self.consumer.readiness()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop`; then finish and ack the current batch, and close the client."""
+        # Built here, not in __init__, so its connections belong to the running event loop.
+        client = redis_client(
+            self._settings.redis,
+            decode_responses=True,
+            client_name=f"iotbridge-worker-{self.consumer.name}",
+        )
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                consuming = tasks.create_task(self.consumer.run(client, stop), name="consumer")
+                tasks.create_task(self._enforce_grace(stop, consuming), name="shutdown-grace")
+        finally:
+            await client.aclose()
+
+    async def _enforce_grace(self, stop: asyncio.Event, consuming: asyncio.Task[None]) -> None:
+        """After stop, give the consumer the grace period to finish its batch, then cancel it: an
+        unacked batch is safe, it is redelivered to this consumer name on the next start."""
+        await stop.wait()
+        grace = self._settings.worker.shutdown_grace_s
+        done, _ = await asyncio.wait({consuming}, timeout=grace)
+        if not done:
+            log.warning("batch not finished within %.1f s of stop, cancelling it", grace)
+            consuming.cancel()
