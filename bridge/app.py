@@ -1,8 +1,13 @@
-"""Bridge wiring: MQTT source -> route and validate -> batched XADD -> acks in arrival order.
+"""Bridge wiring: MQTT source -> intake -> batched atomic write (Redis, or the spool) -> acks.
 
-Routing and validation run inside the source's message callback (synchronous and cheap); the
-message then waits in `pending` until a batch carrying it has been written, and only then is it
-acknowledged. Batches are written one at a time, so acks leave in the order messages arrived.
+Intake runs inside the source's message callback (synchronous and cheap); the message then waits
+in `pending` until a batch carrying it is stored, and only then is it acknowledged. Batches are
+stored one at a time, so acks leave in the order messages arrived.
+
+Where a batch is stored: in Redis while the spool is empty; in the spool (fsynced) while Redis is
+away or the spool still holds older batches, which drain to Redis first. With no spool, or a full
+one, the batch is held: no acks, the broker stops sending at the receive maximum, and the writer
+retries with backoff. It never busy-loops: every retry waits for its backoff delay.
 """
 
 from __future__ import annotations
@@ -11,16 +16,15 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from bridge.contracts import validate_telemetry
-from bridge.record import Reason, value_field
-from bridge.routing import RouteTable
-from bridge.sink import Append, RedisSink
+from bridge.intake import Intake, Pending
+from bridge.retention import Retention
+from bridge.sink import RedisSink
 from bridge.source import Inbound, MqttSource
-from config.errors import ConfigError, PayloadRejected, SinkUnavailable
+from bridge.spool import Spool, SpoolFull
+from config.errors import ConfigError, SinkUnavailable
 from config.keys import Keys
 from config.settings import Settings
 from observability.lifecycle import Backoff
@@ -28,15 +32,8 @@ from observability.metrics import UNROUTED, BridgeMetrics
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(slots=True)
-class Pending:
-    """A received message and what it becomes in Redis (None: acknowledged without a write)."""
-
-    inbound: Inbound
-    route: str
-    append: Append | None
-    reason: Reason | None
+# Spool batches drained per pass, so new messages keep flowing into the spool meanwhile.
+_DRAIN_PER_PASS = 8
 
 
 class BridgeApp:
@@ -45,152 +42,47 @@ class BridgeApp:
         self.registry = registry
         self.metrics = BridgeMetrics(registry)
         self.keys = Keys(settings.redis.key_prefix)
-        self.routes = RouteTable(settings.bridge.routes)
-        self.sink = RedisSink(settings.redis, settings.bridge.stream_maxlen)
+        self.intake = Intake(settings.bridge, self.keys)
+        self.sink = RedisSink(settings.redis)
         self.source = MqttSource(
             settings.mqtt,
-            self.routes.subscriptions(settings.bridge.shared_group),
+            self.intake.routes.subscriptions(settings.bridge.shared_group),
             self._receive,
             self.metrics,
             Backoff(settings.backoff),
         )
+        spool_dir = settings.bridge.spool.dir
+        self.spool = None if spool_dir is None else Spool(
+            spool_dir, settings.bridge.spool.max_bytes, settings.bridge.spool.segment_bytes
+        )  # fmt: skip
+        self._route_of = {self.keys.telemetry(r): r for r in self.intake.route_names}
         self.pending: deque[Pending] = deque()
-        self.writing: list[Pending] = []  # the batch being written: taken from pending, not acked
+        self.writing: list[Pending] = []  # taken from pending, not yet stored and acknowledged
         self._arrived = asyncio.Event()
+        self._backoff = Backoff(settings.backoff)
+        self._retry_at = 0.0  # monotonic time before which Redis is not tried again
         self.redis_ok = False
-        self._streams = {r.name: self.keys.telemetry(r.name) for r in self.routes.routes}
         self.metrics.in_flight.set_function(self.in_flight)
         self.metrics.oldest_unacked_age.set_function(self.oldest_unacked_age_s)
-        for route in [*self._streams, UNROUTED]:
+        if self.spool is not None:
+            spool = self.spool
+            self.metrics.spool_bytes.set_function(lambda: spool.bytes)
+            self.metrics.spool_entries.set_function(lambda: spool.entries)
+        for route in [*self.intake.route_names, UNROUTED]:
             self.metrics.received.labels(route)
             self.metrics.forwarded.labels(route)
 
     # --- intake (inside the MQTT callback) ------------------------------------------------------
 
     def _receive(self, inbound: Inbound) -> None:
-        pending = self._classify(inbound)
+        pending = self.intake.classify(inbound)
         self.metrics.received.labels(pending.route).inc()
-        if inbound.qos == 0 and not self.redis_ok and self.in_flight() >= self._max_in_flight:
-            # At most once was asked for: with Redis away and the buffer full, drop and count.
+        if inbound.qos == 0 and self.in_flight() >= self.settings.bridge.max_in_flight:
+            # At most once was asked for: with the writer behind and the buffer full, drop, count.
             self.metrics.dropped.labels(pending.route).inc()
             return
         self.pending.append(pending)
         self._arrived.set()
-
-    @property
-    def _max_in_flight(self) -> int:
-        return self.settings.bridge.max_in_flight
-
-    def _classify(self, inbound: Inbound) -> Pending:
-        matched = self.routes.match(inbound.topic) if inbound.topic is not None else None
-        if matched is None:
-            detail = "no route matches the topic" if inbound.topic is not None else "not UTF-8"
-            return self._dead_letter(inbound, UNROUTED, Reason.TOPIC, detail)
-        route, levels = matched
-        try:
-            sample = validate_telemetry(
-                inbound.payload, levels[route.settings.asset_level],
-                self.settings.bridge.max_payload_bytes,
-            )  # fmt: skip
-        except PayloadRejected as exc:
-            return self._dead_letter(inbound, route.name, Reason(exc.reason), exc.detail)
-        fields: list[bytes | str] = [
-            "asset", sample.asset, "seq", str(sample.seq), "ts", repr(sample.ts),
-            "topic", inbound.raw_topic, "route", route.name, "rx", repr(inbound.received_wall),
-        ]  # fmt: skip
-        for level, value in levels.items():
-            if level != route.settings.asset_level:
-                fields += [level, value]
-        for name, reading in sample.values.items():
-            fields += [value_field(name), repr(reading)]
-        return Pending(inbound, route.name, Append(self._streams[route.name], fields), None)
-
-    def _dead_letter(self, inbound: Inbound, route: str, reason: Reason, detail: str) -> Pending:
-        cap = self.settings.bridge.dlq_payload_bytes
-        fields: list[bytes | str] = [
-            "topic", inbound.raw_topic, "route", route, "reason", reason.value, "error", detail[:500],
-            "rx", repr(inbound.received_wall), "size", str(len(inbound.payload)),
-            "payload", inbound.payload[:cap],
-        ]  # fmt: skip
-        return Pending(inbound, route, Append(self.keys.dead_letters, fields), reason)
-
-    # --- write and acknowledge ------------------------------------------------------------------
-
-    def _take_batch(self) -> list[Pending]:
-        batch_settings = self.settings.bridge.batch
-        batch: list[Pending] = []
-        size = 0
-        while (
-            self.pending
-            and len(batch) < batch_settings.max_size
-            and size < batch_settings.max_bytes
-        ):
-            item = self.pending[0]
-            batch.append(item)
-            size += len(item.inbound.payload)
-            self.pending.popleft()
-        return batch
-
-    async def _write_loop(self, stop: asyncio.Event) -> None:
-        backoff = Backoff(self.settings.backoff)
-        delay_s = self.settings.bridge.batch.max_delay_ms / 1000
-        while True:
-            if not self.pending:
-                if stop.is_set():
-                    return
-                self._arrived.clear()
-                await _wait_any(self._arrived, stop)
-                continue
-            if len(self.pending) < self.settings.bridge.batch.max_size and delay_s > 0:
-                # Let a batch fill for at most max_delay_ms: one round trip carries many messages.
-                oldest = self.pending[0].inbound.received
-                wait_s = oldest + delay_s - time.monotonic()
-                if wait_s > 0 and not stop.is_set():
-                    await asyncio.sleep(wait_s)
-            self.writing = self._take_batch()
-            await self._write_until_done(self.writing, backoff, stop)
-            self.writing = []
-
-    async def _write_until_done(
-        self, batch: list[Pending], backoff: Backoff, stop: asyncio.Event
-    ) -> None:
-        appends = [p.append for p in batch if p.append is not None]
-        while True:
-            try:
-                duration = await self.sink.write(appends)
-            except SinkUnavailable as exc:
-                if self.redis_ok or backoff.attempts == 0:
-                    log.warning(
-                        "redis unavailable, holding acks and retrying with backoff",
-                        extra={"error": str(exc), "in_flight": len(batch) + len(self.pending)},
-                    )
-                self._set_redis(ok=False)
-                self.metrics.write_errors.labels(_kind(exc)).inc()
-                self.metrics.reconnects.labels("redis").inc()
-                await backoff.wait(asyncio.Event())  # keep retrying during shutdown, within grace
-                continue
-            if not self.redis_ok:
-                log.info("redis available again", extra={"retries": backoff.attempts})
-            backoff.reset()
-            self._set_redis(ok=True)
-            self.metrics.xadd_duration.observe(duration)
-            self.metrics.batch_size.observe(len(batch))
-            self._acknowledge(batch)
-            return
-
-    def _acknowledge(self, batch: list[Pending]) -> None:
-        now = time.monotonic()
-        for item in batch:
-            self.source.ack(item.inbound)
-            if item.reason is None:
-                self.metrics.forwarded.labels(item.route).inc()
-            else:
-                self.metrics.rejected.labels(item.route, item.reason.value).inc()
-            self.metrics.receive_to_ack.observe(now - item.inbound.received)
-
-    def _set_redis(self, *, ok: bool) -> None:
-        self.redis_ok = ok
-        self.metrics.connected.labels("redis").set(int(ok))
 
     def in_flight(self) -> int:
         return len(self.writing) + len(self.pending)
@@ -198,6 +90,164 @@ class BridgeApp:
     def oldest_unacked_age_s(self) -> float:
         oldest = self.writing[0] if self.writing else self.pending[0] if self.pending else None
         return 0.0 if oldest is None else time.monotonic() - oldest.inbound.received
+
+    @property
+    def spooling(self) -> bool:
+        return self.spool is not None and not self.spool.empty
+
+    # --- the writer -----------------------------------------------------------------------------
+
+    def _take_batch(self) -> list[Pending]:
+        limits = self.settings.bridge.batch
+        batch: list[Pending] = []
+        size = 0
+        while self.pending and len(batch) < limits.max_size and size < limits.max_bytes:
+            item = self.pending.popleft()
+            batch.append(item)
+            size += len(item.inbound.payload)
+        return batch
+
+    async def _let_batch_fill(self, stop: asyncio.Event) -> None:
+        """Wait up to max_delay_ms after the oldest message, so one round trip carries many."""
+        delay_s = self.settings.bridge.batch.max_delay_ms / 1000
+        if (
+            len(self.pending) >= self.settings.bridge.batch.max_size
+            or delay_s <= 0
+            or stop.is_set()
+        ):
+            return
+        wait_s = self.pending[0].inbound.received + delay_s - time.monotonic()
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+
+    async def _write_loop(self, stop: asyncio.Event) -> None:
+        while True:
+            if stop.is_set() and not self.in_flight():
+                return  # whatever is spooled stays on disk for the next start
+            if not self.writing and self.pending:
+                await self._let_batch_fill(stop)
+                self.writing = self._take_batch()
+            if self.writing and await self._store(self.writing):
+                self.writing = []
+            if self.spooling and not stop.is_set():
+                await self._drain_spool()
+            await self._wait_for_work(stop)
+
+    async def _wait_for_work(self, stop: asyncio.Event) -> None:
+        """Return at once when there is work that can be done now; otherwise sleep until there
+        is (a message arrives, the retry delay passes, or stop)."""
+        now = time.monotonic()
+        retry_due = now >= self._retry_at
+        if self.writing:
+            if retry_due:
+                return
+            timeout: float | None = self._retry_at - now
+        elif self.pending:
+            return
+        elif self.spooling and not stop.is_set():
+            if retry_due:
+                return
+            timeout = self._retry_at - now
+        else:
+            timeout = None
+        if self.writing:
+            # A held batch waits out its retry delay even while stopping (the grace period bounds
+            # the shutdown), so nothing here can spin.
+            await asyncio.sleep(timeout or 0)
+            return
+        self._arrived.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await _wait_any(self._arrived, stop)
+        except TimeoutError:
+            pass
+
+    async def _store(self, batch: list[Pending]) -> bool:
+        """Store a batch in Redis or the spool and acknowledge it; False when it must wait."""
+        if not self.spooling and time.monotonic() >= self._retry_at:
+            appends = [p.append for p in batch if p.append is not None]
+            try:
+                written, duration = await self.sink.write(appends)
+            except SinkUnavailable as exc:
+                self._redis_failed(exc)
+            else:
+                self._redis_succeeded()
+                self.metrics.xadd_duration.observe(duration)
+                self.metrics.batch_size.observe(len(batch))
+                self._acknowledge(batch, written)
+                return True
+        if self.spool is not None:
+            try:
+                await asyncio.to_thread(self.spool.append, [p.append for p in batch if p.append])
+            except SpoolFull:
+                self.metrics.spool_full.inc()
+                if self._retry_at <= time.monotonic():
+                    self._retry_at = time.monotonic() + self._backoff.next_delay()
+                return False
+            self._acknowledge(batch, None)
+            return True
+        return False
+
+    async def _drain_spool(self) -> None:
+        """Move the oldest spooled batches to Redis, oldest first, while Redis takes them."""
+        assert self.spool is not None
+        for _ in range(_DRAIN_PER_PASS):
+            if time.monotonic() < self._retry_at:
+                return
+            appends = await asyncio.to_thread(self.spool.peek)
+            if appends is None:
+                return
+            try:
+                written, _duration = await self.sink.write(appends)
+            except SinkUnavailable as exc:
+                self._redis_failed(exc)
+                return
+            self._redis_succeeded()
+            await asyncio.to_thread(self.spool.consume)
+            for append, new in zip(appends, written, strict=True):
+                if not new:
+                    self.metrics.duplicates.labels(self._route_of[append.stream]).inc()
+            if self.spool.empty:
+                log.info("spool drained; writing to redis directly")
+
+    def _redis_failed(self, exc: SinkUnavailable) -> None:
+        if self.redis_ok or self._backoff.attempts == 0:
+            action = "spooling" if self.spool is not None else "holding acks"
+            log.warning("redis unavailable, %s and retrying with backoff", action,
+                        extra={"error": str(exc), "in_flight": self.in_flight()})  # fmt: skip
+        self._set_redis(ok=False)
+        self.metrics.write_errors.labels(_kind(exc)).inc()
+        self.metrics.reconnects.labels("redis").inc()
+        self._retry_at = time.monotonic() + self._backoff.next_delay()
+
+    def _redis_succeeded(self) -> None:
+        if not self.redis_ok:
+            log.info("redis available", extra={"retries": self._backoff.attempts})
+        self._backoff.reset()
+        self._retry_at = 0.0
+        self._set_redis(ok=True)
+
+    def _acknowledge(self, batch: list[Pending], written: list[bool] | None) -> None:
+        """PUBACK each message in arrival order and count it once. `written` has one flag per
+        append (False: a duplicate); None when the batch went to the spool."""
+        flags = iter(written) if written is not None else None
+        now = time.monotonic()
+        for item in batch:
+            self.source.ack(item.inbound)
+            new = True if flags is None or item.append is None else next(flags)
+            if item.append is None:
+                self.metrics.skipped.labels(item.route).inc()
+            elif item.reason is not None:
+                self.metrics.rejected.labels(item.route, item.reason.value).inc()
+            elif not new:
+                self.metrics.duplicates.labels(item.route).inc()
+            else:
+                self.metrics.forwarded.labels(item.route).inc()
+            self.metrics.receive_to_ack.observe(now - item.inbound.received)
+
+    def _set_redis(self, *, ok: bool) -> None:
+        self.redis_ok = ok
+        self.metrics.connected.labels("redis").set(int(ok))
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -213,12 +263,16 @@ class BridgeApp:
             return False, f"oldest unacknowledged message is {age:.1f} s old"
         return True, "ready"
 
-    async def _check_redis(self, stop: asyncio.Event) -> bool:
+    async def _connect_redis(self, stop: asyncio.Event) -> bool:
+        """Wait for Redis before taking any message; with a spool holding data, start anyway."""
         backoff = Backoff(self.settings.backoff)
         while not stop.is_set():
             try:
                 await self.sink.check()
             except SinkUnavailable as exc:
+                if self.spool is not None:
+                    self._redis_failed(exc)
+                    return True
                 if backoff.attempts == 0:
                     log.warning(
                         "redis unavailable, retrying with backoff", extra={"error": str(exc)}
@@ -232,14 +286,19 @@ class BridgeApp:
         return False
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Connect Redis first (no message is taken before it can be written), then MQTT."""
+        """Connect Redis first (no message is taken before it can be stored), then MQTT."""
         try:
-            if not await self._check_redis(stop):
+            if not await self._connect_redis(stop):
                 return
+            streams = {r: self.keys.telemetry(r) for r in self.intake.route_names}
+            retention = Retention(
+                self.sink.client, streams, self.settings.bridge.retention, self.metrics
+            )
             writer_stop = asyncio.Event()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.source.run(stop), name="mqtt-source")
-                writer = tasks.create_task(self._write_loop(writer_stop), name="redis-writer")
+                writer = tasks.create_task(self._write_loop(writer_stop), name="writer")
+                tasks.create_task(retention.run(writer_stop), name="retention")
                 await stop.wait()
                 await self._drain(writer, writer_stop)
         except ConfigError as exc:
@@ -249,7 +308,7 @@ class BridgeApp:
             await self.sink.close()
 
     async def _drain(self, writer: asyncio.Task[None], writer_stop: asyncio.Event) -> None:
-        """Stop intake, write and ack what was received within the grace period, disconnect."""
+        """Stop intake, store and ack what was received within the grace period, disconnect."""
         self.source.pause()
         writer_stop.set()
         grace = self.settings.bridge.shutdown_grace_s
@@ -258,7 +317,7 @@ class BridgeApp:
                 await asyncio.shield(writer)
         except TimeoutError:
             log.warning("drain did not finish in %.1f s; %d message(s) stay with the broker",
-                        grace, len(self.pending))  # fmt: skip
+                        grace, self.in_flight())  # fmt: skip
             writer.cancel()
         await self.source.close()
         log.info("bridge stopped")
@@ -277,4 +336,5 @@ def _kind(exc: SinkUnavailable) -> str:
     cause = exc.__cause__
     name = type(cause).__name__ if cause is not None else "unknown"
     return {"ConnectionError": "connection", "TimeoutError": "timeout",
-            "OutOfMemoryError": "oom", "ReadOnlyError": "readonly"}.get(name, "other")  # fmt: skip
+            "OutOfMemoryError": "oom", "ReadOnlyError": "readonly",
+            "BusyLoadingError": "loading"}.get(name, "other")  # fmt: skip

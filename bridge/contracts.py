@@ -49,7 +49,8 @@ class TelemetryPayload(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     ts: Annotated[Finite, Field(gt=0)] | AwareDatetime
-    seq: Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
+    # At most 2**53 - 1: exact in a double, as the dedup script's Lua numbers are.
+    seq: Annotated[StrictInt, Field(ge=0, le=2**53 - 1)]
     values: Annotated[dict[ValueName, Finite], Field(min_length=1, max_length=MAX_VALUES)]
     asset: Annotated[str, StringConstraints(pattern=NAME_PATTERN)] | None = None
 

@@ -1,8 +1,18 @@
-"""The sink: batched appends to the telemetry and dead-letter streams, one round trip per batch.
+"""The sink: a batch of appends to the telemetry and dead-letter streams in one atomic round trip.
 
-A batch is written in one MULTI/EXEC so that it is applied whole or not at all; the caller
-acknowledges the batch's messages only after `write` returns. Any Redis failure becomes
-SinkUnavailable (retryable) and nothing of the batch may be acknowledged.
+One Lua script per batch checks each telemetry entry's `(asset, seq)` against the per-asset dedup
+state and appends it only when new, so the dedup decision and the XADD happen in the same atomic
+step: a batch written twice (a crash between the write and the acks, then the broker's redelivery)
+leaves one copy. The caller acknowledges the batch's messages only after `write` returns; any
+Redis failure becomes SinkUnavailable (retryable) and nothing of the batch may be acknowledged.
+
+Dedup state is one hash field per asset (`iotbridge:dedup:<route>`): the highest `seq` seen, the
+device time of that message, and a 48-bit window of the sequence numbers just below it. Memory is
+O(assets), not O(messages), and it never expires, so the window outlasts any outage:
+- seq above the high-water mark: new; the window slides;
+- seq at or below it with a device time newer than the high-water message: the device restarted
+  (seq back to 0); the window restarts;
+- otherwise a bit in the window says whether it was seen; older than the window: a redelivery.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from config.errors import ConfigError, ConfigProblem, SinkUnavailable
@@ -25,13 +36,75 @@ log = logging.getLogger(__name__)
 # Policies under which Redis may delete a stream to make room: every XADD would still succeed.
 _EVICTING = {"allkeys-lru", "allkeys-lfu", "allkeys-random"}
 
+# ARGV per entry: stream key index, dedup key index (0: none), asset, seq, ts, field count, fields.
+# Numbers are formatted with %.17g / %.0f: Lua's default tostring would print 1e+15 for big seqs.
+_APPEND_SCRIPT = """
+local W = 48
+local SPAN = 2 ^ W
+local out = {}
+local i = 1
+while i <= #ARGV do
+  local stream, dedup = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  local asset, seq, ts = ARGV[i + 2], tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+  local first = i + 6
+  local last = first + tonumber(ARGV[i + 5]) - 1
+  i = last + 1
+  local new = true
+  if dedup > 0 then
+    local hw, hwts, mask = seq, ts, 1
+    local state = redis.call('HGET', KEYS[dedup], asset)
+    if state then
+      local a, b, c = string.match(state, '^(%S+) (%S+) (%S+)$')
+      hw, hwts, mask = tonumber(a), tonumber(b), tonumber(c)
+      if seq > hw then
+        local d = seq - hw
+        if d >= W then mask = 1 else mask = (mask * 2 ^ d) % SPAN + 1 end
+        hw = seq
+        if ts > hwts then hwts = ts end
+      elseif ts > hwts then
+        hw, hwts, mask = seq, ts, 1
+      else
+        local d = hw - seq
+        if d >= W or math.floor(mask / 2 ^ d) % 2 == 1 then
+          new = false
+        else
+          mask = mask + 2 ^ d
+        end
+      end
+    end
+    if new then
+      redis.call('HSET', KEYS[dedup], asset,
+        string.format('%.0f %.17g %.0f', hw, hwts, mask))
+    end
+  end
+  if new then
+    redis.call('XADD', KEYS[stream], '*', unpack(ARGV, first, last))
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Dedup:
+    """Where and by what an entry is deduplicated."""
+
+    key: str
+    asset: str
+    seq: int
+    ts: float
+
 
 @dataclass(frozen=True, slots=True)
 class Append:
-    """One XADD: a stream key and its flat field/value list."""
+    """One XADD: a stream key, its flat field/value list, and its dedup identity (or None)."""
 
     stream: str
     fields: Sequence[bytes | str]
+    dedup: Dedup | None = None
 
 
 def redis_client(
@@ -57,10 +130,37 @@ def redis_client(
     )
 
 
+def script_args(appends: Sequence[Append]) -> tuple[list[str], list[bytes | str]]:
+    """KEYS and ARGV of the append script for a batch."""
+    keys: list[str] = []
+    index: dict[str, int] = {}
+
+    def key(name: str) -> str:
+        if name not in index:
+            keys.append(name)
+            index[name] = len(keys)
+        return str(index[name])
+
+    argv: list[bytes | str] = []
+    for append in appends:
+        d = append.dedup
+        if d is None:
+            argv += [key(append.stream), "0", "", "0", "0"]
+        else:
+            argv += [key(append.stream), key(d.key), d.asset, str(d.seq), repr(d.ts)]
+        argv.append(str(len(append.fields)))
+        argv.extend(append.fields)
+    return keys, argv
+
+
 class RedisSink:
-    def __init__(self, settings: RedisSettings, stream_maxlen: int) -> None:
+    def __init__(self, settings: RedisSettings) -> None:
         self._redis = redis_client(settings)
-        self._maxlen = str(stream_maxlen)
+        self._script: AsyncScript = self._redis.register_script(_APPEND_SCRIPT)
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._redis
 
     async def check(self) -> None:
         """Ping, and refuse a Redis that would evict streams (ConfigError, not retried)."""
@@ -80,19 +180,18 @@ class RedisSink:
                 "redis", f"maxmemory-policy is {policy}: Redis would silently evict telemetry "
                 "streams; set it to noeviction (or a volatile-* policy)")])  # fmt: skip
 
-    async def write(self, appends: Sequence[Append]) -> float:
-        """Append every entry in one MULTI/EXEC; the seconds it took. Raises SinkUnavailable."""
+    async def write(self, appends: Sequence[Append]) -> tuple[list[bool], float]:
+        """Append a batch atomically: per entry True (written) or False (a duplicate), and the
+        seconds it took. Raises SinkUnavailable; then nothing of the batch was written."""
+        if not appends:
+            return [], 0.0
         started = time.perf_counter()
-        pipe = self._redis.pipeline(transaction=True)
-        for append in appends:
-            pipe.execute_command(
-                "XADD", append.stream, "MAXLEN", "~", self._maxlen, "*", *append.fields
-            )
+        keys, argv = script_args(appends)
         try:
-            await pipe.execute()
+            written = await self._script(keys=keys, args=argv)
         except (RedisError, OSError) as exc:
             raise SinkUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        return time.perf_counter() - started
+        return [bool(flag) for flag in written], time.perf_counter() - started
 
     async def close(self) -> None:
         await self._redis.aclose()

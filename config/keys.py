@@ -18,6 +18,10 @@ class Keys:
         """Telemetry stream of a route: `iotbridge:tel:<route>`."""
         return f"{self.prefix}:tel:{route}"
 
+    def dedup(self, route: str) -> str:
+        """Per-asset dedup state of a route (a hash, one field per asset)."""
+        return f"{self.prefix}:dedup:{route}"
+
     @property
     def dead_letters(self) -> str:
         """Dead letters of the bridge: `iotbridge:dlq`."""

@@ -134,6 +134,47 @@ class BatchSettings(Section):
     )
 
 
+class SpoolSettings(Section):
+    dir: str | None = Field(
+        None,
+        description="Directory of the on-disk spool used while Redis is away (store and forward); "
+        "null disables it, and the bridge then holds its acks until Redis returns.",
+    )
+    max_bytes: int = Field(
+        1_073_741_824, gt=0, description="Spool size bound; when full, the bridge stops acking."
+    )
+    segment_bytes: int = Field(
+        16_777_216, gt=0, description="Size of one spool file before a new one is started."
+    )
+
+
+class ClockSettings(Section):
+    max_past_s: float | None = Field(
+        86_400.0, gt=0, description="Device timestamps older than this are dead-lettered (clock)."
+    )
+    max_future_s: float | None = Field(
+        300.0, gt=0, description="Device timestamps further ahead are dead-lettered (clock)."
+    )
+
+
+class RateLimitSettings(Section):
+    per_asset_hz: float | None = Field(
+        None, gt=0, description="Sustained messages per second per asset; the excess is dead-"
+        "lettered with reason rate. null: no limit.",
+    )
+    burst: int = Field(100, gt=0, description="Messages an asset may send at once above its rate.")
+
+
+class RetentionSettings(Section):
+    max_entries: int = Field(
+        1_000_000, gt=0, description="Entries kept per telemetry stream (trimmed approximately)."
+    )
+    max_age_s: float | None = Field(
+        None, gt=0, description="Entries older than this are trimmed; null: no age bound."
+    )
+    interval_s: float = Field(5.0, gt=0, description="How often the streams are trimmed.")
+
+
 class RouteSettings(Section):
     name: Name = Field(description="Route name; part of the stream key and the `route` label.")
     topic: str = Field(
@@ -186,8 +227,26 @@ class BridgeSettings(Section):
     dlq_payload_bytes: int = Field(
         4096, gt=0, description="Raw payload bytes kept in a dead letter; the rest is cut."
     )
-    stream_maxlen: int = Field(
-        1_000_000, gt=0, description="Approximate cap of entries per telemetry stream."
+    dedup: bool = Field(
+        True, description="Drop redelivered messages by (asset, seq) in the same step as the write."
+    )
+    retained: Literal["skip", "tag"] = Field(
+        "skip",
+        description="Retained messages: skip (acknowledge, count, never store stale values as "
+        "fresh) or tag (store them with a retained=1 field).",
+    )
+    clock: ClockSettings = Field(
+        default_factory=ClockSettings, description="Window of accepted device timestamps."
+    )
+    rate_limit: RateLimitSettings = Field(
+        default_factory=RateLimitSettings, description="Per-asset token bucket."
+    )
+    spool: SpoolSettings = Field(
+        default_factory=SpoolSettings, description="Store and forward while Redis is away."
+    )
+    retention: RetentionSettings = Field(
+        default_factory=RetentionSettings,
+        description="Stream bounds; never trims an entry still pending in a consumer group.",
     )
     max_in_flight: int = Field(
         2000, gt=0, description="Messages received but not yet acknowledged before reading pauses."

@@ -44,7 +44,8 @@ def build_info(registry: CollectorRegistry, component: str) -> None:
 
 
 class BridgeMetrics:
-    """Counters add up: received = forwarded + rejected + duplicates + dropped (+ in flight)."""
+    """Counters add up: received = forwarded + rejected + duplicates + skipped + dropped
+    (+ in flight)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         build_info(registry, "bridge")
@@ -71,6 +72,11 @@ class BridgeMetrics:
             "Redelivered messages recognised by (asset, seq) and acknowledged without a write.",
             ["route"],
             registry=registry,
+        )
+        self.skipped = Counter(
+            "iotbridge_bridge_messages_skipped_total",
+            "Retained messages acknowledged without a write (bridge.retained: skip).",
+            ["route"], registry=registry,
         )
         self.dropped = Counter(
             "iotbridge_bridge_messages_dropped_total",
@@ -121,6 +127,25 @@ class BridgeMetrics:
             "iotbridge_bridge_reconnects_total",
             "Connection attempts after a failure, by target.",
             ["target"],
+            registry=registry,
+        )
+        self.spool_bytes = Gauge(
+            "iotbridge_bridge_spool_bytes", "Bytes in the on-disk spool.", registry=registry,
+        )
+        self.spool_entries = Gauge(
+            "iotbridge_bridge_spool_entries", "Messages in the on-disk spool.", registry=registry,
+        )
+        self.spool_full = Counter(
+            "iotbridge_bridge_spool_full_total",
+            "Batches that found the spool full, so their acks were held.", registry=registry,
+        )
+        self.stream_entries = Gauge(
+            "iotbridge_bridge_stream_entries", "Entries in a telemetry stream.", ["route"],
+            registry=registry,
+        )
+        self.stream_fill_ratio = Gauge(
+            "iotbridge_bridge_stream_fill_ratio",
+            "Entries in a telemetry stream over its retention.max_entries.", ["route"],
             registry=registry,
         )
         self.write_errors = Counter(

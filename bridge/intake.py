@@ -1,0 +1,137 @@
+"""Intake: what a received message becomes in Redis, decided synchronously in the MQTT callback.
+
+route -> size -> JSON and schema -> identity -> clock window -> per-asset rate limit. A message
+that passes becomes a telemetry append with its dedup identity; one that fails becomes a dead
+letter with its reason; a retained message under the `skip` policy becomes nothing at all (it is
+acknowledged and counted). No Redis key, field name or metric label is built from a raw level.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from bridge.contracts import Sample, validate_telemetry
+from bridge.record import Reason, value_field
+from bridge.routing import Route, RouteTable
+from bridge.sink import Append, Dedup
+from bridge.source import Inbound
+from config.errors import PayloadRejected
+from config.keys import Keys
+from config.settings import BridgeSettings, RateLimitSettings
+from observability.metrics import UNROUTED
+
+
+@dataclass(slots=True)
+class Pending:
+    """A received message and what it becomes in Redis (None: acknowledged without a write)."""
+
+    inbound: Inbound
+    route: str
+    append: Append | None
+    reason: Reason | None
+
+
+class TokenBuckets:
+    """One token bucket per asset, refilled at `per_asset_hz` up to `burst`.
+
+    Buckets live in an LRU of bounded size: an asset that has been quiet long enough to be evicted
+    has a full bucket anyway, so eviction never changes a decision.
+    """
+
+    MAX_ASSETS = 500_000
+
+    def __init__(self, settings: RateLimitSettings) -> None:
+        self._rate = settings.per_asset_hz
+        self._burst = float(settings.burst)
+        self._buckets: OrderedDict[tuple[str, str], tuple[float, float]] = OrderedDict()
+
+    def allow(self, route: str, asset: str, now: float) -> bool:
+        if self._rate is None:
+            return True
+        key = (route, asset)
+        tokens, last = self._buckets.pop(key, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._buckets) > self.MAX_ASSETS:
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+class Intake:
+    def __init__(self, settings: BridgeSettings, keys: Keys) -> None:
+        self._settings = settings
+        self._keys = keys
+        self.routes = RouteTable(settings.routes)
+        self._streams = {r.name: keys.telemetry(r.name) for r in self.routes.routes}
+        self._dedup_keys = {r.name: keys.dedup(r.name) for r in self.routes.routes}
+        self._buckets = TokenBuckets(settings.rate_limit)
+
+    @property
+    def route_names(self) -> list[str]:
+        return list(self._streams)
+
+    def classify(self, inbound: Inbound) -> Pending:
+        matched = self.routes.match(inbound.topic) if inbound.topic is not None else None
+        if matched is None:
+            detail = "no route matches the topic" if inbound.topic is not None else "not UTF-8"
+            return self.dead_letter(inbound, UNROUTED, Reason.TOPIC, detail)
+        route, levels = matched
+        if inbound.retain and self._settings.retained == "skip":
+            return Pending(inbound, route.name, None, None)
+        try:
+            sample = validate_telemetry(
+                inbound.payload,
+                levels[route.settings.asset_level],
+                self._settings.max_payload_bytes,
+            )
+            self._check_clock(sample, inbound.received_wall)
+            self._check_rate(route.name, sample.asset, inbound.received)
+        except PayloadRejected as exc:
+            return self.dead_letter(inbound, route.name, Reason(exc.reason), exc.detail)
+        return Pending(inbound, route.name, self._telemetry(inbound, route, levels, sample), None)
+
+    def _check_rate(self, route: str, asset: str, now: float) -> None:
+        if not self._buckets.allow(route, asset, now):
+            limit = self._settings.rate_limit.per_asset_hz
+            raise PayloadRejected(Reason.RATE, f"asset over {limit} msg/s")
+
+    def _check_clock(self, sample: Sample, now: float) -> None:
+        clock = self._settings.clock
+        if clock.max_past_s is not None and sample.ts < now - clock.max_past_s:
+            raise PayloadRejected(
+                Reason.CLOCK, f"ts {sample.ts:.3f} is {now - sample.ts:.0f} s in the past"
+            )
+        if clock.max_future_s is not None and sample.ts > now + clock.max_future_s:
+            raise PayloadRejected(
+                Reason.CLOCK, f"ts {sample.ts:.3f} is {sample.ts - now:.0f} s in the future"
+            )
+
+    def _telemetry(
+        self, inbound: Inbound, route: Route, levels: dict[str, str], sample: Sample
+    ) -> Append:
+        fields: list[bytes | str] = [
+            "asset", sample.asset, "seq", str(sample.seq), "ts", repr(sample.ts),
+            "topic", inbound.raw_topic, "route", route.name, "rx", repr(inbound.received_wall),
+        ]  # fmt: skip
+        for level, value in levels.items():
+            if level != route.settings.asset_level:
+                fields += [level, value]
+        if inbound.retain:
+            fields += ["retained", "1"]
+        for name, reading in sample.values.items():
+            fields += [value_field(name), repr(reading)]
+        dedup = None
+        if self._settings.dedup:
+            dedup = Dedup(self._dedup_keys[route.name], sample.asset, sample.seq, sample.ts)
+        return Append(self._streams[route.name], fields, dedup)
+
+    def dead_letter(self, inbound: Inbound, route: str, reason: Reason, detail: str) -> Pending:
+        cap = self._settings.dlq_payload_bytes
+        fields: list[bytes | str] = [
+            "topic", inbound.raw_topic, "route", route, "reason", reason.value, "error", detail[:500],
+            "rx", repr(inbound.received_wall), "size", str(len(inbound.payload)),
+            "payload", inbound.payload[:cap],
+        ]  # fmt: skip
+        return Pending(inbound, route, Append(self._keys.dead_letters, fields), reason)
