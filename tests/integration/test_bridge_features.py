@@ -1,0 +1,247 @@
+"""Dedup, device restarts, clock window, per-asset rate limit, retained policy, spool, retention:
+against real mosquitto and redis-server, asserted on stream contents and metric values."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from bridge.retention import Retention
+from bridge.sink import Append, Dedup, RedisSink
+from config.keys import Keys
+from config.settings import RedisSettings, RetentionSettings, Settings
+from observability.metrics import BridgeMetrics
+from tests.clients import Publisher, running_bridge, sample, telemetry, wait_for
+from tests.services import redis_service
+
+pytestmark = pytest.mark.integration
+
+M = "iotbridge_bridge_messages_"
+
+
+def _topic(unique: str, asset: str = "a1") -> str:
+    return f"{unique}/plant/s1/l1/{asset}/telemetry"
+
+
+def _entries(settings: Settings) -> list[dict[str, str]]:
+    db = redis.Redis.from_url(settings.redis.url, decode_responses=True)
+    return [
+        fields for _, fields in db.xrange(Keys(settings.redis.key_prefix).telemetry("telemetry"))
+    ]
+
+
+def _dead_letters(settings: Settings) -> list[dict[str, str]]:
+    db = redis.Redis.from_url(settings.redis.url, decode_responses=True)
+    return [fields for _, fields in db.xrange(Keys(settings.redis.key_prefix).dead_letters)]
+
+
+async def _settle(app, total: int) -> None:
+    def done() -> bool:
+        counted = sum(sample(app, M + kind + "_total", route="telemetry")
+                      for kind in ("forwarded", "duplicate", "skipped"))  # fmt: skip
+        counted += sum(sample(app, M + "rejected_total", route="telemetry", reason=r)
+                       for r in ("json", "schema", "identity", "clock", "rate"))  # fmt: skip
+        return counted == total and app.in_flight() == 0
+
+    await wait_for(done, 20, f"{total} messages counted")
+
+
+async def test_the_same_asset_and_seq_published_1000_times_is_one_entry(
+    make_settings: Callable[..., Settings], mqtt_url: str, unique: str
+) -> None:
+    settings = make_settings()
+    publisher = Publisher(mqtt_url, f"{unique}-pub", settings.mqtt.protocol)
+    payload = telemetry(7)
+    async with running_bridge(settings) as app:
+        for _ in range(1000):
+            publisher.publish(_topic(unique), payload)
+        assert publisher.wait_acked() == 1000
+        await _settle(app, 1000)
+        assert sample(app, M + "duplicate_total", route="telemetry") == 999
+        assert sample(app, M + "forwarded_total", route="telemetry") == 1
+    publisher.close()
+    assert [e["seq"] for e in _entries(settings)] == ["7"]
+
+
+async def test_reordering_and_a_device_restart_are_kept_redeliveries_are_not(
+    make_settings: Callable[..., Settings], mqtt_url: str, unique: str
+) -> None:
+    settings = make_settings()
+    publisher = Publisher(mqtt_url, f"{unique}-pub", settings.mqtt.protocol)
+    t0 = time.time() - 100
+    sent = [(s, t0 + s) for s in (0, 1, 2, 4, 3, 5, 6, 7, 8, 9)]  # 3 and 4 swapped
+    sent += [(s, t0 + s) for s in (8, 9, 5)]  # redeliveries: same seq, same device time
+    sent += [(s, t0 + 50 + s) for s in range(4)]  # restart: seq from 0 again, later device time
+    async with running_bridge(settings) as app:
+        for seq, ts in sent:
+            publisher.publish(_topic(unique), telemetry(seq, ts=ts))
+        assert publisher.wait_acked() == len(sent)
+        await _settle(app, len(sent))
+        assert sample(app, M + "duplicate_total", route="telemetry") == 3
+    publisher.close()
+    assert [int(e["seq"]) for e in _entries(settings)] == [0, 1, 2, 4, 3, 5, 6, 7, 8, 9, 0, 1, 2, 3]
+
+
+async def test_a_batch_written_twice_leaves_one_copy(redis_url: str, unique: str) -> None:
+    sink = RedisSink(RedisSettings(url=redis_url, key_prefix=unique))
+    keys = Keys(unique)
+    batch = [Append(keys.telemetry("r"), ["asset", f"a{i % 3}", "seq", str(i)], Dedup(keys.dedup("r"), f"a{i % 3}", i, 1.0 + i))
+             for i in range(300)]  # fmt: skip
+    batch.append(Append(keys.dead_letters, ["reason", "json"]))
+    first, _ = await sink.write(batch)
+    second, _ = await sink.write(batch)
+    await sink.close()
+    assert first == [True] * 301
+    assert second == [False] * 300 + [True]  # dead letters are not deduplicated
+    db = redis.Redis.from_url(redis_url)
+    assert db.xlen(keys.telemetry("r")) == 300
+    assert db.hlen(keys.dedup("r")) == 3  # O(assets), not O(messages)
+
+
+async def test_timestamps_outside_the_clock_window_are_dead_lettered(
+    make_settings: Callable[..., Settings], mqtt_url: str, unique: str
+) -> None:
+    settings = make_settings()
+    publisher = Publisher(mqtt_url, f"{unique}-pub", settings.mqtt.protocol)
+    now = time.time()
+    async with running_bridge(settings) as app:
+        publisher.publish(_topic(unique), telemetry(1, ts=now - 2 * 86400))
+        publisher.publish(_topic(unique), telemetry(2, ts=now + 3600))
+        publisher.publish(_topic(unique), telemetry(3, ts=now))
+        assert publisher.wait_acked() == 3
+        await _settle(app, 3)
+        assert sample(app, M + "rejected_total", route="telemetry", reason="clock") == 2
+    publisher.close()
+    assert [e["seq"] for e in _entries(settings)] == ["3"]
+    assert [letter["reason"] for letter in _dead_letters(settings)] == ["clock", "clock"]
+
+
+async def test_a_flooding_asset_is_rate_limited_and_the_others_lose_nothing(
+    make_settings: Callable[..., Settings], mqtt_url: str, unique: str
+) -> None:
+    settings = make_settings(bridge={"rate_limit": {"per_asset_hz": 5, "burst": 20}})
+    publisher = Publisher(mqtt_url, f"{unique}-pub", settings.mqtt.protocol)
+    flood, quiet_assets, quiet_each = 2000, 19, 10
+    async with running_bridge(settings) as app:
+        for i in range(flood):
+            publisher.publish(_topic(unique, "flood"), telemetry(i))
+            if i % 100 == 0 and i // 100 < quiet_each:
+                for a in range(quiet_assets):
+                    publisher.publish(_topic(unique, f"q{a}"), telemetry(i // 100))
+        total = flood + quiet_assets * quiet_each
+        assert publisher.wait_acked() == total
+        await _settle(app, total)
+        limited = sample(app, M + "rejected_total", route="telemetry", reason="rate")
+        forwarded = sample(app, M + "forwarded_total", route="telemetry")
+    publisher.close()
+    entries = _entries(settings)
+    quiet = [e for e in entries if e["asset"].startswith("q")]
+    assert len(quiet) == quiet_assets * quiet_each  # the others lose nothing
+    flood_kept = len(entries) - len(quiet)
+    assert 20 <= flood_kept < 200  # the burst, plus what the rate refilled while it was sent
+    assert limited == flood - flood_kept  # the excess is counted exactly
+    assert forwarded == len(entries)
+    assert {d["reason"] for d in _dead_letters(settings)} == {"rate"}
+    assert len(_dead_letters(settings)) == limited
+
+
+@pytest.mark.parametrize("policy", ["skip", "tag"])
+async def test_retained_messages_are_never_stored_as_fresh_telemetry(
+    make_settings: Callable[..., Settings], mqtt_url: str, unique: str, policy: str
+) -> None:
+    settings = make_settings(bridge={"retained": policy})
+    publisher = Publisher(mqtt_url, f"{unique}-pub", settings.mqtt.protocol)
+    for a in range(20):
+        publisher.publish(_topic(unique, f"r{a}"), telemetry(1), retain=True)
+    assert publisher.wait_acked() == 20
+    async with running_bridge(settings) as app:
+        publisher.publish(_topic(unique, "live"), telemetry(1))
+        await _settle(app, 21)
+        skipped = sample(app, M + "skipped_total", route="telemetry")
+    for a in range(20):  # clear the retained messages
+        publisher.publish(_topic(unique, f"r{a}"), b"", retain=True)
+    publisher.wait_acked()
+    publisher.close()
+    entries = _entries(settings)
+    if policy == "skip":
+        assert skipped == 20
+        assert [e["asset"] for e in entries] == ["live"]
+    else:
+        assert skipped == 0
+        assert sorted(e["asset"] for e in entries if e.get("retained") == "1") == sorted(
+            f"r{a}" for a in range(20)
+        )
+        assert [e["asset"] for e in entries if "retained" not in e] == ["live"]
+
+
+async def test_while_redis_is_away_the_spool_takes_and_acks_then_drains_in_order(
+    make_settings: Callable[..., Settings], mqtt_url: str, unique: str, tmp_path: Path
+) -> None:
+    service = redis_service(tmp_path / "redis")
+    assert service is not None
+    service.start()
+    settings = make_settings(
+        redis={"url": f"redis://127.0.0.1:{service.port}/0", "key_prefix": unique,
+               "socket_timeout_s": 0.5, "connect_timeout_s": 0.5},
+        bridge={"spool": {"dir": str(tmp_path / "spool")}},
+    )  # fmt: skip
+    publisher = Publisher(mqtt_url, f"{unique}-pub", settings.mqtt.protocol)
+    count = 3000
+    try:
+        async with running_bridge(settings) as app:
+            service.kill()
+            for seq in range(count):
+                publisher.publish(_topic(unique, f"a{seq % 10}"), telemetry(seq // 10))
+            assert publisher.wait_acked() == count  # acked from the spool, Redis still down
+            await wait_for(
+                lambda: app.spool is not None and app.spool.entries == count, 20, "all spooled"
+            )
+            assert sample(app, M + "forwarded_total", route="telemetry") == count
+            assert sample(app, "iotbridge_bridge_spool_entries") == count
+            assert not app.redis_ok
+            service.start()
+            await wait_for(
+                lambda: app.spool is not None and app.spool.empty, 30, "the spool to drain"
+            )
+            assert app.redis_ok
+        db = redis.Redis(port=service.port, decode_responses=True)
+        rows = [
+            (f["asset"], int(f["seq"])) for _, f in db.xrange(Keys(unique).telemetry("telemetry"))
+        ]
+        assert len(rows) == count
+        for a in range(10):
+            assert [s for asset, s in rows if asset == f"a{a}"] == list(range(count // 10))
+        assert list((tmp_path / "spool").glob("seg-*")) == []
+    finally:
+        publisher.close()
+        service.stop()
+
+
+async def test_retention_trims_to_its_bound_but_never_an_entry_pending_in_a_group(
+    redis_url: str, unique: str
+) -> None:
+    db = redis.Redis.from_url(redis_url, decode_responses=True)
+    stream = Keys(unique).telemetry("telemetry")
+    ids = [db.xadd(stream, {"seq": str(i)}) for i in range(100)]
+    db.xgroup_create(stream, "workers", id="0")
+    db.xreadgroup("workers", "w1", {stream: ">"}, count=60)  # 60 delivered
+    db.xack(stream, "workers", *ids[:30])  # 30 acked, 30 pending, 40 not yet delivered
+    metrics = BridgeMetrics(CollectorRegistry())
+    client = redis.asyncio.Redis.from_url(redis_url)
+    retention = Retention(client, {"telemetry": stream}, RetentionSettings(max_entries=10), metrics)
+    try:
+        assert await retention.trim("telemetry", stream) == 30  # only the acked ones could go
+        assert [e[0] for e in db.xrange(stream)] == ids[30:]
+        db.xack(stream, "workers", *ids[30:60])
+        db.xreadgroup("workers", "w1", {stream: ">"})
+        db.xack(stream, "workers", *ids[60:])
+        assert await retention.trim("telemetry", stream) == 60
+    finally:
+        await client.aclose()
+    assert db.xlen(stream) == 10
+    assert metrics.stream_fill_ratio.labels("telemetry")._value.get() == 1.0
