@@ -2,16 +2,19 @@
 
 The built-in `telemetry` contract:
 `{"ts": <epoch seconds or RFC 3339>, "seq": <int >= 0>, "values": {<name>: <finite number>}}`,
-with an optional `"asset"` that must equal the topic's asset level. Payloads are validated from the
-raw bytes (`model_validate_json`), so nothing is parsed twice.
+with an optional `"asset"` that must equal the topic's asset level. Contracts declared in YAML
+(`bridge.contracts`) keep `ts`, `seq` and `asset` and declare `values` field by field (type, unit,
+required, min/max, enum); they are compiled to Pydantic models once, at start. Payloads are
+validated from the raw bytes (`model_validate_json`), so nothing is parsed twice.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -19,15 +22,20 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StrictInt,
     StringConstraints,
     ValidationError,
+    create_model,
+    model_validator,
 )
 
 from bridge.record import Reason
 from config.errors import PayloadRejected
-from config.settings import NAME_PATTERN
+from config.settings import NAME_PATTERN, ContractField, ContractSettings
+
+MAX_TEXT_CHARS = 256
 
 MAX_VALUES = 256
 
@@ -43,15 +51,14 @@ Finite = Annotated[StrictFloat | StrictInt, AfterValidator(_finite)]
 ValueName = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 
 
-class TelemetryPayload(BaseModel):
-    """The default route's contract."""
+class _Envelope(BaseModel):
+    """What every contract shares: device time, sequence number, optional asset."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     ts: Annotated[Finite, Field(gt=0)] | AwareDatetime
     # At most 2**53 - 1: exact in a double, as the dedup script's Lua numbers are.
     seq: Annotated[StrictInt, Field(ge=0, le=2**53 - 1)]
-    values: Annotated[dict[ValueName, Finite], Field(min_length=1, max_length=MAX_VALUES)]
     asset: Annotated[str, StringConstraints(pattern=NAME_PATTERN)] | None = None
 
     @property
@@ -59,6 +66,60 @@ class TelemetryPayload(BaseModel):
         if isinstance(self.ts, datetime):
             return self.ts.timestamp()
         return float(self.ts)
+
+
+class TelemetryPayload(_Envelope):
+    """The built-in contract."""
+
+    values: Annotated[dict[ValueName, Finite], Field(min_length=1, max_length=MAX_VALUES)]
+
+
+class _DeclaredValues(BaseModel):
+    """Base of compiled `values` models: undeclared names, when allowed, must be finite numbers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _undeclared_are_numbers(self) -> _DeclaredValues:
+        for name, value in (self.model_extra or {}).items():
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"{name!r} is not a valid value name")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+            ):
+                raise ValueError(f"{name}: undeclared values must be finite numbers")
+        return self
+
+
+class _OpenValues(_DeclaredValues):
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+
+
+def _annotation(spec: ContractField) -> Any:
+    if spec.type == "string":
+        if spec.enum:
+            return Literal[tuple(spec.enum)]
+        return Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
+    if spec.type == "boolean":
+        return StrictBool
+    base = StrictInt if spec.type == "integer" else Finite
+    return Annotated[base, Field(ge=spec.min, le=spec.max)]
+
+
+def compile_contract(name: str, contract: ContractSettings) -> type[_Envelope]:
+    """A Pydantic model for a contract declared in YAML."""
+    fields: dict[str, Any] = {}
+    for value_name, spec in contract.values.items():
+        annotation = _annotation(spec)
+        fields[value_name] = (annotation, ...) if spec.required else (annotation | None, None)
+    base = _OpenValues if contract.allow_undeclared else _DeclaredValues
+    values = create_model(f"{name}_values", __base__=base, **fields)
+    model: type[_Envelope] = create_model(
+        f"{name}_payload", __base__=_Envelope, values=(values, ...)
+    )
+    return model
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +130,7 @@ class Sample:
     seq: int
     ts: float
     values: dict[str, float]
+    texts: dict[str, str] = field(default_factory=dict)
 
 
 def _reason_of(exc: ValidationError) -> Reason:
@@ -83,17 +145,54 @@ def _summary(exc: ValidationError) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
+def _split(values: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    numbers: dict[str, float] = {}
+    texts: dict[str, str] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, str):
+            texts[name] = value
+        else:
+            numbers[name] = float(value)  # booleans become 1.0 / 0.0
+    return numbers, texts
+
+
+class Contract:
+    """Validates raw payloads against one model; raises PayloadRejected with the reason."""
+
+    def __init__(self, model: type[_Envelope]) -> None:
+        self._model = model
+
+    def validate(self, payload: bytes, topic_asset: str, max_bytes: int) -> Sample:
+        """Check size, JSON, schema and identity; raise PayloadRejected with the reason."""
+        if len(payload) > max_bytes:
+            raise PayloadRejected(Reason.SIZE, f"{len(payload)} bytes > limit {max_bytes}")
+        try:
+            model = self._model.model_validate_json(payload)
+        except ValidationError as exc:
+            raise PayloadRejected(_reason_of(exc), _summary(exc)) from None
+        if model.asset is not None and model.asset != topic_asset:
+            raise PayloadRejected(
+                Reason.IDENTITY, f"payload asset {model.asset!r} != topic asset {topic_asset!r}"
+            )
+        raw = getattr(model, "values")  # noqa: B009 -- declared models add `values` dynamically
+        values = raw if isinstance(raw, dict) else {**raw.__dict__, **(raw.model_extra or {})}
+        numbers, texts = _split(values)
+        return Sample(topic_asset, model.seq, model.epoch, numbers, texts)
+
+
+TELEMETRY = Contract(TelemetryPayload)
+
+
+def build_contracts(declared: dict[str, ContractSettings]) -> dict[str, Contract]:
+    """Every contract a route may name: the built-in one and those declared in YAML."""
+    contracts = {"telemetry": TELEMETRY}
+    for name, contract in declared.items():
+        contracts[name] = Contract(compile_contract(name, contract))
+    return contracts
+
+
 def validate_telemetry(payload: bytes, topic_asset: str, max_bytes: int) -> Sample:
-    """Check size, JSON, schema and identity; raise PayloadRejected with the reason."""
-    if len(payload) > max_bytes:
-        raise PayloadRejected(Reason.SIZE, f"{len(payload)} bytes > limit {max_bytes}")
-    try:
-        model = TelemetryPayload.model_validate_json(payload)
-    except ValidationError as exc:
-        raise PayloadRejected(_reason_of(exc), _summary(exc)) from None
-    if model.asset is not None and model.asset != topic_asset:
-        raise PayloadRejected(
-            Reason.IDENTITY, f"payload asset {model.asset!r} != topic asset {topic_asset!r}"
-        )
-    values = {name: float(v) for name, v in model.values.items()}
-    return Sample(topic_asset, model.seq, model.epoch, values)
+    """The built-in contract."""
+    return TELEMETRY.validate(payload, topic_asset, max_bytes)

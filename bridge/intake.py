@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from bridge.contracts import Sample, validate_telemetry
-from bridge.record import Reason, value_field
+from bridge.contracts import Sample, build_contracts
+from bridge.record import Reason, text_field, value_field
 from bridge.routing import Route, RouteTable
 from bridge.sink import Append, Dedup
 from bridge.source import Inbound
@@ -67,6 +67,7 @@ class Intake:
         self._streams = {r.name: keys.telemetry(r.name) for r in self.routes.routes}
         self._dedup_keys = {r.name: keys.dedup(r.name) for r in self.routes.routes}
         self._buckets = TokenBuckets(settings.rate_limit)
+        self._contracts = build_contracts(settings.contracts)
 
     @property
     def route_names(self) -> list[str]:
@@ -81,7 +82,7 @@ class Intake:
         if inbound.retain and self._settings.retained == "skip":
             return Pending(inbound, route.name, None, None)
         try:
-            sample = validate_telemetry(
+            sample = self._contracts[route.settings.contract].validate(
                 inbound.payload,
                 levels[route.settings.asset_level],
                 self._settings.max_payload_bytes,
@@ -122,6 +123,8 @@ class Intake:
             fields += ["retained", "1"]
         for name, reading in sample.values.items():
             fields += [value_field(name), repr(reading)]
+        for name, text in sample.texts.items():
+            fields += [text_field(name), text]
         dedup = None
         if self._settings.dedup:
             dedup = Dedup(self._dedup_keys[route.name], sample.asset, sample.seq, sample.ts)

@@ -1,8 +1,9 @@
 """The stream record contract: how a telemetry entry and a dead letter are laid out in Redis.
 
 A telemetry entry has the fields `asset`, `seq`, `ts` (device time, epoch seconds), `topic`,
-`route`, `rx` (bridge receive time, epoch seconds), one field per named topic level, and one field
-`v.<name>` per value. A dead letter has `topic`, `reason`, `error`, `rx` and `payload` (capped).
+`route`, `rx` (bridge receive time, epoch seconds), one field per named topic level, one field
+`v.<name>` per numeric value (booleans as 1.0 / 0.0) and `s.<name>` per text value of a declared
+contract. A dead letter has `topic`, `reason`, `error`, `rx` and `payload` (capped).
 The worker reads entries back with `decode_values`.
 """
 
@@ -12,6 +13,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 
 VALUE_PREFIX = "v."
+TEXT_PREFIX = "s."
 
 
 class Reason(StrEnum):
@@ -28,6 +30,10 @@ class Reason(StrEnum):
 
 def value_field(name: str) -> str:
     return VALUE_PREFIX + name
+
+
+def text_field(name: str) -> str:
+    return TEXT_PREFIX + name
 
 
 def decode_values(fields: Mapping[str, str]) -> dict[str, float]:

@@ -175,13 +175,45 @@ class RetentionSettings(Section):
     interval_s: float = Field(5.0, gt=0, description="How often the streams are trimmed.")
 
 
+class ContractField(Section):
+    type: Literal["number", "integer", "boolean", "string"] = Field(
+        "number", description="JSON type of the value; numbers must be finite."
+    )
+    unit: str | None = Field(None, description="Unit of the value, for people (e.g. degC, bar).")
+    required: bool = Field(True, description="The value must be present in every message.")
+    min: float | None = Field(None, description="Smallest accepted number.")
+    max: float | None = Field(None, description="Largest accepted number.")
+    enum: list[str] | None = Field(None, description="Accepted strings (type string only).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ContractField:
+        numeric = self.type in ("number", "integer")
+        if (self.min is not None or self.max is not None) and not numeric:
+            raise ValueError("min and max apply to number and integer fields only")
+        if self.enum is not None and self.type != "string":
+            raise ValueError("enum applies to string fields only")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min must be <= max")
+        return self
+
+
+class ContractSettings(Section):
+    values: dict[Name, ContractField] = Field(
+        min_length=1, description="The payload's `values`, declared field by field."
+    )
+    allow_undeclared: bool = Field(
+        False, description="Accept (and store) finite numbers under names not declared here."
+    )
+
+
 class RouteSettings(Section):
     name: Name = Field(description="Route name; part of the stream key and the `route` label.")
     topic: str = Field(
         description="Topic template; `{level}` names a level (subscribed as +), a final # is allowed."
     )
-    contract: Literal["telemetry"] = Field(
-        "telemetry", description="Payload contract the messages must satisfy."
+    contract: Name = Field(
+        "telemetry",
+        description="Payload contract: the built-in `telemetry`, or a name under bridge.contracts.",
     )
     qos: Literal[0, 1] = Field(1, description="Subscription QoS.")
     asset_level: str = Field("asset", description="Topic level that names the asset.")
@@ -217,6 +249,11 @@ def _default_routes() -> list[RouteSettings]:
 class BridgeSettings(Section):
     routes: list[RouteSettings] = Field(
         default_factory=_default_routes, min_length=1, description="Ordered route table."
+    )
+    contracts: dict[Name, ContractSettings] = Field(
+        default_factory=dict,
+        description="Contracts declared in YAML: ts, seq and asset as in `telemetry`, with typed "
+        "values.",
     )
     shared_group: Name | None = Field(
         None, description="Subscribe as $share/<group>/... so several bridges split the load."
@@ -264,6 +301,11 @@ class BridgeSettings(Section):
         names = [route.name for route in self.routes]
         if len(names) != len(set(names)):
             raise ValueError("route names must be unique")
+        if "telemetry" in self.contracts:
+            raise ValueError("contracts: `telemetry` is the built-in contract's name")
+        for route in self.routes:
+            if route.contract != "telemetry" and route.contract not in self.contracts:
+                raise ValueError(f"route {route.name}: no contract named {route.contract!r}")
         return self
 
 

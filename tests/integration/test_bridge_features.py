@@ -3,6 +3,7 @@ against real mosquitto and redis-server, asserted on stream contents and metric 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -245,3 +246,35 @@ async def test_retention_trims_to_its_bound_but_never_an_entry_pending_in_a_grou
         await client.aclose()
     assert db.xlen(stream) == 10
     assert metrics.stream_fill_ratio.labels("telemetry")._value.get() == 1.0
+
+
+async def test_a_route_with_a_declared_contract_stores_typed_values(
+    make_settings: Callable[..., Settings], mqtt_url: str, unique: str
+) -> None:
+    settings = make_settings(bridge={
+        "routes": [{"name": "pumps", "topic": f"{unique}/plant/{{site}}/{{line}}/{{asset}}/pump", "contract": "pump"}],
+        "contracts": {"pump": {"values": {"flow": {"min": 0, "max": 500, "unit": "m3/h"},
+                                          "mode": {"type": "string", "enum": ["auto", "manual"]}}}},
+    })  # fmt: skip
+    publisher = Publisher(mqtt_url, f"{unique}-pub", settings.mqtt.protocol)
+    topic = f"{unique}/plant/s1/l1/p7/pump"
+    now = time.time()
+    async with running_bridge(settings) as app:
+        publisher.publish(
+            topic,
+            json.dumps({"ts": now, "seq": 1, "values": {"flow": 42.5, "mode": "auto"}}).encode(),
+        )
+        publisher.publish(
+            topic,
+            json.dumps({"ts": now, "seq": 2, "values": {"flow": 900, "mode": "auto"}}).encode(),
+        )
+        assert publisher.wait_acked() == 2
+        await wait_for(lambda: sample(app, M + "forwarded_total", route="pumps")
+                       + sample(app, M + "rejected_total", route="pumps", reason="schema") == 2, 10, "2 messages")  # fmt: skip
+    publisher.close()
+    db = redis.Redis.from_url(settings.redis.url, decode_responses=True)
+    [(_, entry)] = db.xrange(Keys(unique).telemetry("pumps"))
+    assert (entry["asset"], entry["v.flow"], entry["s.mode"]) == ("p7", "42.5", "auto")
+    [letter] = _dead_letters(settings)
+    assert letter["reason"] == "schema"
+    assert "less than or equal to 500" in letter["error"]

@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.contracts import validate_telemetry
+from bridge.contracts import build_contracts, validate_telemetry
 from config.errors import PayloadRejected
+from config.settings import ContractSettings
 
 
 def _reason(payload: bytes, asset: str = "a1", limit: int = 65536) -> str:
@@ -92,3 +93,51 @@ def test_only_finite_values_pass(values: dict[str, float]) -> None:
         assert validate_telemetry(payload, "a1", 65536).values == values
     else:
         assert _reason(payload) in {"json", "schema"}
+
+
+PUMP = build_contracts({
+    "pump": ContractSettings.model_validate({"values": {
+        "flow": {"type": "number", "unit": "m3/h", "min": 0, "max": 500},
+        "running": {"type": "boolean"},
+        "mode": {"type": "string", "enum": ["auto", "manual"], "required": False},
+        "starts": {"type": "integer", "required": False, "min": 0},
+    }})
+})["pump"]  # fmt: skip
+
+
+def test_a_declared_contract_types_and_bounds_each_value() -> None:
+    sample = PUMP.validate(
+        b'{"ts": 5, "seq": 1, "values": {"flow": 12.5, "running": true, "mode": "auto"}}',
+        "p1",
+        1000,
+    )
+    assert sample.values == {"flow": 12.5, "running": 1.0}
+    assert sample.texts == {"mode": "auto"}
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        b'{"flow": 501, "running": true}',  # above max
+        b'{"flow": -1, "running": true}',  # below min
+        b'{"running": true}',  # required value missing
+        b'{"flow": 1, "running": 1}',  # wrong type: a number is not a boolean
+        b'{"flow": 1, "running": true, "mode": "turbo"}',  # not in the enum
+        b'{"flow": 1, "running": true, "starts": 1.5}',  # not an integer
+        b'{"flow": 1, "running": true, "other": 3}',  # undeclared
+        b'{"flow": NaN, "running": true}',
+    ],
+)
+def test_a_declared_contract_rejects_with_reason_schema(values: bytes) -> None:
+    with pytest.raises(PayloadRejected) as caught:
+        PUMP.validate(b'{"ts": 5, "seq": 1, "values": ' + values + b"}", "p1", 1000)
+    assert caught.value.reason == "schema"
+
+
+def test_undeclared_values_can_be_allowed_as_finite_numbers() -> None:
+    open_contract = ContractSettings.model_validate({"values": {"t": {}}, "allow_undeclared": True})
+    contract = build_contracts({"open": open_contract})["open"]
+    sample = contract.validate(b'{"ts": 5, "seq": 1, "values": {"t": 1, "x": 2}}', "a", 1000)
+    assert sample.values == {"t": 1.0, "x": 2.0}
+    with pytest.raises(PayloadRejected):
+        contract.validate(b'{"ts": 5, "seq": 1, "values": {"t": 1, "x": "2"}}', "a", 1000)

@@ -124,3 +124,17 @@ def test_check_config_reports_an_unreadable_file(tmp_path: Path) -> None:
     result = _cli("check-config", str(tmp_path / "missing.yaml"))
     assert result.returncode != 0
     assert "cannot read" in result.stderr
+
+
+def test_a_route_must_name_an_existing_contract() -> None:
+    problems = _problems(
+        "bridge:\n  routes:\n    - {name: r, topic: 'a/{asset}', contract: pump}\n"
+    )
+    assert problems == {"bridge": "route r: no contract named 'pump'"}
+
+
+def test_contract_fields_are_checked() -> None:
+    problems = _problems(
+        "bridge:\n  contracts:\n    pump:\n      values:\n        mode: {type: number, enum: [a]}\n"
+    )
+    assert problems == {"bridge.contracts.pump.values.mode": "enum applies to string fields only"}
