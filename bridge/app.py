@@ -13,11 +13,13 @@ retries with backoff. It never busy-loops: every retry waits for its backoff del
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
 
 from prometheus_client import CollectorRegistry
+from redis.exceptions import RedisError
 
 from bridge.intake import Intake, Pending
 from bridge.retention import Retention
@@ -282,8 +284,29 @@ class BridgeApp:
                 continue
             self._set_redis(ok=True)
             log.info("redis connected", extra={"url": self.settings.redis.url.split("@")[-1]})
+            self.source.previous_filters = await self._remembered_filters()
             return True
         return False
+
+    @property
+    def _filters_key(self) -> str:
+        return self.keys.bridge_subscriptions(self.settings.mqtt.client_id)
+
+    async def _remembered_filters(self) -> set[str] | None:
+        try:
+            raw = await self.sink.client.get(self._filters_key)
+        except (RedisError, OSError):
+            return None
+        return None if raw is None else set(json.loads(raw))
+
+    async def _remember_filters(self) -> None:
+        """Once subscribed, record the filters, so the next run can tell a changed route table."""
+        await self.source.subscribed_event.wait()
+        filters = sorted(self.source.previous_filters or ())
+        try:
+            await self.sink.client.set(self._filters_key, json.dumps(filters))
+        except (RedisError, OSError) as exc:
+            log.warning("could not record the subscribed filters", extra={"error": str(exc)})
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect Redis first (no message is taken before it can be stored), then MQTT."""
@@ -299,7 +322,9 @@ class BridgeApp:
                 tasks.create_task(self.source.run(stop), name="mqtt-source")
                 writer = tasks.create_task(self._write_loop(writer_stop), name="writer")
                 tasks.create_task(retention.run(writer_stop), name="retention")
+                remember = tasks.create_task(self._remember_filters(), name="remember-filters")
                 await stop.wait()
+                remember.cancel()
                 await self._drain(writer, writer_stop)
         except ConfigError as exc:
             log.error("refusing to start: %s", exc)  # noqa: TRY400 -- the message is the answer

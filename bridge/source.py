@@ -77,6 +77,10 @@ class MqttSource:
         self.generation = 0
         self.connected = False
         self.subscribed = False
+        self.subscribed_event = asyncio.Event()
+        # The filters the broker's session holds from an earlier run (None: unknown), so a changed
+        # route table is noticed even when the session is resumed.
+        self.previous_filters: set[str] | None = None
         self.paused = False
 
     def _make_client(self) -> mqtt.Client:
@@ -168,7 +172,7 @@ class MqttSource:
         if refused:
             log.error("subscription refused by the broker", extra={"reasons": refused})
             return
-        self.subscribed = True
+        self._confirm_subscribed()
         log.info("subscribed", extra={"filters": [f for f, _ in self._subscriptions]})
 
     def _handle_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
@@ -248,11 +252,29 @@ class MqttSource:
         self._metrics.session_present.set(int(session_present))
         log.info("mqtt connected", extra={"broker": f"{s.host}:{s.port}",
                                           "session_present": session_present})  # fmt: skip
-        if session_present:
-            self.subscribed = True
+        current = {f for f, _ in self._subscriptions}
+        if (
+            session_present
+            and self.previous_filters is not None
+            and current == self.previous_filters
+        ):
+            self._confirm_subscribed()
         else:
+            # A new session has no subscriptions; a resumed one may hold an older route table's.
             self.subscribed = False
+            stale = sorted((self.previous_filters or set()) - current)
+            if session_present and stale:
+                self._client.unsubscribe(stale)
+                log.info(
+                    "unsubscribed from filters no longer in the route table",
+                    extra={"filters": stale},
+                )
             self._subscribe()
+
+    def _confirm_subscribed(self) -> None:
+        self.subscribed = True
+        self.previous_filters = {f for f, _ in self._subscriptions}
+        self.subscribed_event.set()
 
     def _subscribe(self) -> None:
         if self._settings.protocol == "5":

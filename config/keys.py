@@ -22,6 +22,10 @@ class Keys:
         """Per-asset dedup state of a route (a hash, one field per asset)."""
         return f"{self.prefix}:dedup:{route}"
 
+    def bridge_subscriptions(self, client_id: str) -> str:
+        """The filters a bridge's persistent session was last subscribed to (JSON list)."""
+        return f"{self.prefix}:bridge:{client_id}:filters"
+
     @property
     def dead_letters(self) -> str:
         """Dead letters of the bridge: `iotbridge:dlq`."""

@@ -159,7 +159,9 @@ class ClockSettings(Section):
 
 class RateLimitSettings(Section):
     per_asset_hz: float | None = Field(
-        None, gt=0, description="Sustained messages per second per asset; the excess is dead-"
+        None,
+        gt=0,
+        description="Sustained messages per second per asset; the excess is dead-"
         "lettered with reason rate. null: no limit.",
     )
     burst: int = Field(100, gt=0, description="Messages an asset may send at once above its rate.")
