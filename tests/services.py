@@ -167,8 +167,10 @@ def mosquitto_service(
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
+    # Started as root, mosquitto drops to user `mosquitto`, which cannot read pytest's 0700 dirs.
+    as_user = "user root\n" if os.geteuid() == 0 else ""
     conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        as_user + f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
         f"max_queued_messages 100000\nlog_dest stdout\nlog_type error\nlog_type warning\n{extra_conf}"
     )
     return Service("mosquitto", [binary, "-c", str(conf)], port, workdir)
