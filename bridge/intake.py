@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 
 from bridge.contracts import Sample, build_contracts
 from bridge.record import Reason, text_field, value_field
@@ -30,6 +31,12 @@ class Pending:
     route: str
     append: Append | None
     reason: Reason | None
+
+
+@lru_cache(maxsize=4096)
+def _name(field: str) -> bytes:
+    """Field names recur in every entry: encode each once."""
+    return field.encode()
 
 
 class TokenBuckets:
@@ -73,6 +80,11 @@ class Intake:
     def route_names(self) -> list[str]:
         return list(self._streams)
 
+    @property
+    def write_keys(self) -> list[str]:
+        """Every key an append from this intake may name: the sink's fixed key table."""
+        return [self._keys.dead_letters, *self._streams.values(), *self._dedup_keys.values()]
+
     def classify(self, inbound: Inbound) -> Pending:
         matched = self.routes.match(inbound.topic) if inbound.topic is not None else None
         if matched is None:
@@ -112,19 +124,21 @@ class Intake:
     def _telemetry(
         self, inbound: Inbound, route: Route, levels: dict[str, str], sample: Sample
     ) -> Append:
-        fields: list[bytes | str] = [
-            "asset", sample.asset, "seq", str(sample.seq), "ts", repr(sample.ts),
-            "topic", inbound.raw_topic, "route", route.name, "rx", repr(inbound.received_wall),
+        # Bytes throughout: the sink packs them into RESP without encoding anything again.
+        fields: list[bytes] = [
+            b"asset", sample.asset.encode(), b"seq", b"%d" % sample.seq, b"ts", repr(sample.ts).encode(),
+            b"topic", inbound.raw_topic, b"route", route.name.encode(),
+            b"rx", repr(inbound.received_wall).encode(),
         ]  # fmt: skip
         for level, value in levels.items():
             if level != route.settings.asset_level:
-                fields += [level, value]
+                fields += [_name(level), value.encode()]
         if inbound.retain:
-            fields += ["retained", "1"]
+            fields += [b"retained", b"1"]
         for name, reading in sample.values.items():
-            fields += [value_field(name), repr(reading)]
+            fields += [_name(value_field(name)), repr(reading).encode()]
         for name, text in sample.texts.items():
-            fields += [text_field(name), text]
+            fields += [_name(text_field(name)), text.encode()]
         dedup = None
         if self._settings.dedup:
             dedup = Dedup(self._dedup_keys[route.name], sample.asset, sample.seq, sample.ts)

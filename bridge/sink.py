@@ -17,6 +17,7 @@ O(assets), not O(messages), and it never expires, so the window outlasts any out
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -25,8 +26,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from config.errors import ConfigError, ConfigProblem, SinkUnavailable
 from config.settings import RedisSettings
@@ -130,42 +130,58 @@ def redis_client(
     )
 
 
-def script_args(appends: Sequence[Append]) -> tuple[list[str], list[bytes | str]]:
-    """KEYS and ARGV of the append script for a batch."""
-    keys: list[str] = []
-    index: dict[str, int] = {}
+def _bulk(value: bytes | str) -> bytes:
+    raw = value.encode() if isinstance(value, str) else value
+    return b"$%d\r\n%b\r\n" % (len(raw), raw)
 
-    def key(name: str) -> str:
-        if name not in index:
-            keys.append(name)
-            index[name] = len(keys)
-        return str(index[name])
 
-    argv: list[bytes | str] = []
-    for append in appends:
-        d = append.dedup
-        if d is None:
-            argv += [key(append.stream), "0", "", "0", "0"]
-        else:
-            argv += [key(append.stream), key(d.key), d.asset, str(d.seq), repr(d.ts)]
-        argv.append(str(len(append.fields)))
-        argv.extend(append.fields)
-    return keys, argv
+_NO_DEDUP = b"".join(_bulk(v) for v in ("0", "", "0", "0"))
 
 
 class RedisSink:
-    def __init__(self, settings: RedisSettings) -> None:
+    """Writes batches with one pre-packed EVALSHA over a pooled redis-py connection.
+
+    The key table is fixed at start (every stream and dedup key the bridge may write), so each
+    entry's arguments can be packed without looking at the rest of the batch: redis-py's generic
+    command packing cost a quarter of the bridge's CPU when it packed every argument itself.
+    """
+
+    def __init__(self, settings: RedisSettings, keys: Sequence[str]) -> None:
         self._redis = redis_client(settings)
-        self._script: AsyncScript = self._redis.register_script(_APPEND_SCRIPT)
+        self._keys = list(keys)
+        self._index = {key: _bulk(str(i + 1)) for i, key in enumerate(self._keys)}
+        self._sha = hashlib.sha1(_APPEND_SCRIPT.encode()).hexdigest()  # noqa: S324 -- Redis names scripts by SHA-1
+        self._head = _bulk("EVALSHA") + _bulk(self._sha) + _bulk(str(len(self._keys)))
+        self._head += b"".join(_bulk(k) for k in self._keys)
 
     @property
     def client(self) -> aioredis.Redis:
         return self._redis
 
+    def pack(self, appends: Sequence[Append]) -> bytes:
+        """The whole EVALSHA command for a batch, in RESP."""
+        parts = []
+        args = 3 + len(self._keys)
+        for a in appends:
+            d = a.dedup
+            if d is None:
+                parts.append(self._index[a.stream] + _NO_DEDUP)
+            else:
+                parts.append(self._index[a.stream] + self._index[d.key] + _bulk(d.asset)
+                             + _bulk(str(d.seq)) + _bulk(repr(d.ts)))  # fmt: skip
+            parts.append(_bulk(str(len(a.fields))))
+            parts += [
+                b"$%d\r\n%b\r\n" % (len(f), f) if isinstance(f, bytes) else _bulk(f)
+                for f in a.fields
+            ]
+            args += 6 + len(a.fields)
+        return b"*%d\r\n" % args + self._head + b"".join(parts)
+
     async def check(self) -> None:
-        """Ping, and refuse a Redis that would evict streams (ConfigError, not retried)."""
+        """Ping, load the script, and refuse a Redis that would evict streams (ConfigError)."""
         try:
             await self._redis.ping()
+            await self._redis.script_load(_APPEND_SCRIPT)
             policy = (await self._redis.config_get("maxmemory-policy")).get("maxmemory-policy")
         except ResponseError as exc:
             # CONFIG may be denied to a least-privilege user; the operator owns the policy then.
@@ -180,15 +196,34 @@ class RedisSink:
                 "redis", f"maxmemory-policy is {policy}: Redis would silently evict telemetry "
                 "streams; set it to noeviction (or a volatile-* policy)")])  # fmt: skip
 
+    async def _execute(self, command: bytes) -> list[int]:
+        pool = self._redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        try:
+            await conn.send_packed_command(command, check_health=False)
+            reply = await conn.read_response()
+        except (RedisError, OSError):
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+        return list(reply)
+
     async def write(self, appends: Sequence[Append]) -> tuple[list[bool], float]:
         """Append a batch atomically: per entry True (written) or False (a duplicate), and the
-        seconds it took. Raises SinkUnavailable; then nothing of the batch was written."""
+        seconds it took. Raises SinkUnavailable: nothing may be acknowledged, and a retry is
+        safe for telemetry (a batch applied before its reply was lost is deduplicated)."""
         if not appends:
             return [], 0.0
         started = time.perf_counter()
-        keys, argv = script_args(appends)
+        command = self.pack(appends)
         try:
-            written = await self._script(keys=keys, args=argv)
+            try:
+                written = await self._execute(command)
+            except NoScriptError:
+                # Redis restarted (scripts are not persisted): load it and try once more.
+                await self._redis.script_load(_APPEND_SCRIPT)
+                written = await self._execute(command)
         except (RedisError, OSError) as exc:
             raise SinkUnavailable(f"{type(exc).__name__}: {exc}") from exc
         return [bool(flag) for flag in written], time.perf_counter() - started

@@ -27,6 +27,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from bridge.mqtt_client import BufferedClient
 from config.errors import SourceUnavailable
 from config.settings import MqttSettings
 from observability.lifecycle import Backoff
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # paho needs loop_misc() about once a second for keepalive pings and timeouts.
 _MISC_INTERVAL_S = 1.0
+# Packets handled per readable event before yielding to the event loop.
+_PACKETS_PER_READ = 1000
 
 
 @dataclass(slots=True)
@@ -83,10 +86,10 @@ class MqttSource:
         self.previous_filters: set[str] | None = None
         self.paused = False
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self) -> BufferedClient:
         s = self._settings
         v5 = s.protocol == "5"
-        client = mqtt.Client(
+        client = BufferedClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
@@ -106,7 +109,7 @@ class MqttSource:
             client.tls_insecure_set(s.tls.insecure_skip_verify)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
-        client.on_message = self._handle_message
+        client.on_publish_raw = self._handle_publish
         client.on_subscribe = self._handle_subscribe
         client.on_socket_open = self._socket_open
         client.on_socket_close = self._socket_close
@@ -127,7 +130,17 @@ class MqttSource:
     def _add_reader(self, sock: Any) -> None:
         assert self._loop is not None
         if not self.paused and sock.fileno() >= 0:
-            self._loop.add_reader(sock, self._client.loop_read)
+            self._client.reset_buffer()
+            self._loop.add_reader(sock, self._readable)
+
+    def _readable(self) -> None:
+        if self.paused:
+            return
+        # Bounded, so the writer and timers run between bursts; bytes left in the buffer would
+        # never make the socket readable again, so the rest is scheduled right away.
+        if self._client.read_available(_PACKETS_PER_READ):
+            assert self._loop is not None
+            self._loop.call_soon(self._readable)
 
     def _socket_close(self, _client: mqtt.Client, _userdata: Any, sock: Any) -> None:
         assert self._loop is not None
@@ -175,23 +188,27 @@ class MqttSource:
         self._confirm_subscribed()
         log.info("subscribed", extra={"filters": [f for f, _ in self._subscriptions]})
 
-    def _handle_message(self, _c: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
-        raw_topic: bytes = message._topic  # the undecoded topic, for dead letters
+    def _handle_publish(
+        self, mid: int, qos: int, retain: bool, topic: bytes, payload: bytes
+    ) -> None:
         try:
-            topic: str | None = raw_topic.decode("utf-8")
+            text: str | None = topic.decode("utf-8")
         except UnicodeDecodeError:
-            topic = None
-        self._on_message(Inbound(
-            message.mid, message.qos, topic, raw_topic, bytes(message.payload), bool(message.retain),
-            self.generation, time.monotonic(), time.time(),
-        ))  # fmt: skip
+            text = None
+        now = time.monotonic()
+        self._on_message(
+            Inbound(mid, qos, text, topic, payload, retain, self.generation, now, time.time())
+        )
 
     # --- the app's side -------------------------------------------------------------------------
 
-    def ack(self, inbound: Inbound) -> None:
-        """Acknowledge a message (QoS 1: PUBACK) if its connection is still the current one."""
-        if inbound.qos > 0 and inbound.generation == self.generation and self.connected:
-            self._client.ack(inbound.mid, inbound.qos)
+    def ack(self, inbound: list[Inbound]) -> None:
+        """Acknowledge messages (QoS 1: PUBACK), in order, in one write; messages received on an
+        earlier connection are skipped (the broker resends them on this one)."""
+        if not self.connected:
+            return
+        generation = self.generation
+        self._client.ack_many([m.mid for m in inbound if m.qos == 1 and m.generation == generation])
 
     def pause(self) -> None:
         """Stop reading from the broker (shutdown); unread messages stay with the broker."""

@@ -89,8 +89,10 @@ async def test_reordering_and_a_device_restart_are_kept_redeliveries_are_not(
 
 
 async def test_a_batch_written_twice_leaves_one_copy(redis_url: str, unique: str) -> None:
-    sink = RedisSink(RedisSettings(url=redis_url, key_prefix=unique))
     keys = Keys(unique)
+    sink = RedisSink(
+        RedisSettings(url=redis_url), [keys.telemetry("r"), keys.dedup("r"), keys.dead_letters]
+    )
     batch = [Append(keys.telemetry("r"), ["asset", f"a{i % 3}", "seq", str(i)], Dedup(keys.dedup("r"), f"a{i % 3}", i, 1.0 + i))
              for i in range(300)]  # fmt: skip
     batch.append(Append(keys.dead_letters, ["reason", "json"]))
