@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.client import time_func
 from paho.mqtt.enums import MQTTErrorCode
 
 _RECV_BYTES = 65_536
@@ -72,10 +73,14 @@ class BufferedClient(mqtt.Client):
 
     def _handle_publish(self) -> MQTTErrorCode:
         header = self._in_packet["command"]
-        qos = (header & 0x06) >> 1
-        if qos == 2 or self.on_publish_raw is None:
+        if (header & 0x06) >> 1 == 2 or self.on_publish_raw is None:
             return super()._handle_publish()
-        packet = bytes(self._in_packet["packet"])
+        return self._publish(header, bytes(self._in_packet["packet"]))
+
+    def _publish(self, header: int, packet: bytes) -> MQTTErrorCode:
+        """Decode the variable header of a QoS 0/1 PUBLISH and hand it on."""
+        assert self.on_publish_raw is not None
+        qos = (header & 0x06) >> 1
         try:
             (length,) = _U16.unpack_from(packet, 0)
             pos = 2 + length
@@ -93,15 +98,54 @@ class BufferedClient(mqtt.Client):
         self.on_publish_raw(mid, qos, bool(header & 0x01), packet[2 : 2 + length], packet[pos:])
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
+    def _buffered_publishes(self, limit: int) -> int:
+        """Handle complete QoS 0/1 PUBLISH packets at the head of the buffer, without paho's
+        per-packet state machine; stop at anything else (paho handles it). Only called at a
+        packet boundary of paho's reader."""
+        buf, pos, end = self._rbuf, self._rpos, len(self._rbuf)
+        handled = 0
+        while handled < limit and pos < end:
+            header = buf[pos]
+            if header & 0xF0 != 0x30 or header & 0x06 == 0x04:
+                break
+            length, shift, body = 0, 0, pos + 1
+            while body < end and shift <= 21:
+                byte = buf[body]
+                body += 1
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+            else:
+                break  # an incomplete or malformed length: paho reads (or rejects) it
+            if body + length > end:
+                break
+            pos = body + length
+            self._rpos = pos
+            if self._publish(header, buf[body:pos]) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._rpos = end
+                self._sock_close()
+                return handled
+            handled += 1
+        if handled:
+            self._last_bytes_received = time_func()
+        return handled
+
     def read_available(self, max_packets: int) -> bool:
         """Handle every complete packet already received, up to `max_packets`; True when bytes
         remain buffered (the caller must call again: the socket may not become readable)."""
-        for _ in range(max_packets):
+        handled = 0
+        while handled < max_packets:
+            if self._in_packet["command"] == 0 and self.on_publish_raw is not None:
+                handled += self._buffered_publishes(max_packets - handled)
+                if handled >= max_packets or self.socket() is None:
+                    break
             if self.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or self.socket() is None:
                 return False
+            handled += 1
             if not self.buffered:
                 return False
-        return self.buffered
+        return self.buffered and self.socket() is not None
 
     def ack_many(self, mids: list[int]) -> None:
         """PUBACK several QoS 1 messages with one write."""
