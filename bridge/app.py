@@ -240,6 +240,8 @@ class BridgeApp:
         now = time.monotonic()
         counts: Counter[tuple[str, str, str]] = Counter()
         latency = self.metrics.receive_to_ack
+        publish_to_write = self.metrics.publish_to_write
+        wall = time.time()
         for item in batch:
             new = True if flags is None or item.append is None else next(flags)
             if item.append is None:
@@ -250,6 +252,8 @@ class BridgeApp:
                 counts["duplicates", item.route, ""] += 1
             else:
                 counts["forwarded", item.route, ""] += 1
+                if item.device_ts is not None and flags is not None:
+                    publish_to_write.observe(max(0.0, wall - item.device_ts))
             latency.observe(now - item.inbound.received)
         for (kind, route, reason), count in counts.items():
             metric = getattr(self.metrics, kind)

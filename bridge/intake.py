@@ -31,6 +31,7 @@ class Pending:
     route: str
     append: Append | None
     reason: Reason | None
+    device_ts: float | None = None  # the payload's ts, for the publish-to-write latency
 
 
 @lru_cache(maxsize=4096)
@@ -103,7 +104,8 @@ class Intake:
             self._check_rate(route.name, sample.asset, inbound.received)
         except PayloadRejected as exc:
             return self.dead_letter(inbound, route.name, Reason(exc.reason), exc.detail)
-        return Pending(inbound, route.name, self._telemetry(inbound, route, levels, sample), None)
+        append = self._telemetry(inbound, route, levels, sample)
+        return Pending(inbound, route.name, append, None, sample.ts)
 
     def _check_rate(self, route: str, asset: str, now: float) -> None:
         if not self._buckets.allow(route, asset, now):

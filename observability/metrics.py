@@ -76,7 +76,8 @@ class BridgeMetrics:
         self.skipped = Counter(
             "iotbridge_bridge_messages_skipped_total",
             "Retained messages acknowledged without a write (bridge.retained: skip).",
-            ["route"], registry=registry,
+            ["route"],
+            registry=registry,
         )
         self.dropped = Counter(
             "iotbridge_bridge_messages_dropped_total",
@@ -99,6 +100,13 @@ class BridgeMetrics:
         self.receive_to_ack = Histogram(
             "iotbridge_bridge_receive_to_ack_seconds",
             "From a message's arrival at the bridge to its acknowledgement after the write.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.publish_to_write = Histogram(
+            "iotbridge_bridge_publish_to_write_seconds",
+            "From the device's timestamp to the write that stored the message (includes clock "
+            "skew between device and bridge).",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
@@ -130,22 +138,30 @@ class BridgeMetrics:
             registry=registry,
         )
         self.spool_bytes = Gauge(
-            "iotbridge_bridge_spool_bytes", "Bytes in the on-disk spool.", registry=registry,
+            "iotbridge_bridge_spool_bytes",
+            "Bytes in the on-disk spool.",
+            registry=registry,
         )
         self.spool_entries = Gauge(
-            "iotbridge_bridge_spool_entries", "Messages in the on-disk spool.", registry=registry,
+            "iotbridge_bridge_spool_entries",
+            "Messages in the on-disk spool.",
+            registry=registry,
         )
         self.spool_full = Counter(
             "iotbridge_bridge_spool_full_total",
-            "Batches that found the spool full, so their acks were held.", registry=registry,
+            "Batches that found the spool full, so their acks were held.",
+            registry=registry,
         )
         self.stream_entries = Gauge(
-            "iotbridge_bridge_stream_entries", "Entries in a telemetry stream.", ["route"],
+            "iotbridge_bridge_stream_entries",
+            "Entries in a telemetry stream.",
+            ["route"],
             registry=registry,
         )
         self.stream_fill_ratio = Gauge(
             "iotbridge_bridge_stream_fill_ratio",
-            "Entries in a telemetry stream over its retention.max_entries.", ["route"],
+            "Entries in a telemetry stream over its retention.max_entries.",
+            ["route"],
             registry=registry,
         )
         self.write_errors = Counter(
