@@ -15,7 +15,7 @@ from functools import lru_cache
 from bridge.contracts import Sample, build_contracts
 from bridge.record import Reason, text_field, value_field
 from bridge.routing import Route, RouteTable
-from bridge.sink import Append, Dedup
+from bridge.sink import Append, Dedup, bulk
 from bridge.source import Inbound
 from config.errors import PayloadRejected
 from config.keys import Keys
@@ -35,9 +35,12 @@ class Pending:
 
 
 @lru_cache(maxsize=4096)
-def _name(field: str) -> bytes:
-    """Field names recur in every entry: encode each once."""
-    return field.encode()
+def _bulk_name(field: str) -> bytes:
+    """Field names recur in every entry: pack each once."""
+    return bulk(field.encode())
+
+
+_RETAINED = bulk(b"retained") + bulk(b"1")
 
 
 class TokenBuckets:
@@ -74,6 +77,9 @@ class Intake:
         self.routes = RouteTable(settings.routes)
         self._streams = {r.name: keys.telemetry(r.name) for r in self.routes.routes}
         self._dedup_keys = {r.name: keys.dedup(r.name) for r in self.routes.routes}
+        self._route_field = {
+            r.name: bulk(b"route") + bulk(r.name.encode()) for r in self.routes.routes
+        }
         self._buckets = TokenBuckets(settings.rate_limit)
         self._contracts = build_contracts(settings.contracts)
 
@@ -126,25 +132,32 @@ class Intake:
     def _telemetry(
         self, inbound: Inbound, route: Route, levels: dict[str, str], sample: Sample
     ) -> Append:
-        # Bytes throughout: the sink packs them into RESP without encoding anything again.
-        fields: list[bytes] = [
-            b"asset", sample.asset.encode(), b"seq", b"%d" % sample.seq, b"ts", repr(sample.ts).encode(),
-            b"topic", inbound.raw_topic, b"route", route.name.encode(),
-            b"rx", repr(inbound.received_wall).encode(),
+        # RESP, built once here: the sink sends these bytes as they are.
+        asset, seq, ts = sample.asset.encode(), b"%d" % sample.seq, repr(sample.ts).encode()
+        topic, rx = inbound.raw_topic, repr(inbound.received_wall).encode()
+        parts = [
+            b"$5\r\nasset\r\n$%d\r\n%b\r\n$3\r\nseq\r\n$%d\r\n%b\r\n$2\r\nts\r\n$%d\r\n%b\r\n"
+            b"$5\r\ntopic\r\n$%d\r\n%b\r\n$2\r\nrx\r\n$%d\r\n%b\r\n"
+            % (len(asset), asset, len(seq), seq, len(ts), ts, len(topic), topic, len(rx), rx),
+            self._route_field[route.name],
         ]  # fmt: skip
+        count = 12
         for level, value in levels.items():
             if level != route.settings.asset_level:
-                fields += [_name(level), value.encode()]
+                parts += [_bulk_name(level), bulk(value.encode())]
+                count += 2
         if inbound.retain:
-            fields += [b"retained", b"1"]
+            parts.append(_RETAINED)
+            count += 2
         for name, reading in sample.values.items():
-            fields += [_name(value_field(name)), repr(reading).encode()]
+            parts += [_bulk_name(value_field(name)), bulk(repr(reading).encode())]
         for name, text in sample.texts.items():
-            fields += [_name(text_field(name)), text.encode()]
+            parts += [_bulk_name(text_field(name)), bulk(text.encode())]
+        count += 2 * (len(sample.values) + len(sample.texts))
         dedup = None
         if self._settings.dedup:
             dedup = Dedup(self._dedup_keys[route.name], sample.asset, sample.seq, sample.ts)
-        return Append(self._streams[route.name], fields, dedup)
+        return Append(self._streams[route.name], count, b"".join(parts), dedup)
 
     def dead_letter(self, inbound: Inbound, route: str, reason: Reason, detail: str) -> Pending:
         cap = self._settings.dlq_payload_bytes
@@ -153,4 +166,4 @@ class Intake:
             "rx", repr(inbound.received_wall), "size", str(len(inbound.payload)),
             "payload", inbound.payload[:cap],
         ]  # fmt: skip
-        return Pending(inbound, route, Append(self._keys.dead_letters, fields), reason)
+        return Pending(inbound, route, Append.of(self._keys.dead_letters, fields), reason)

@@ -98,13 +98,39 @@ class Dedup:
     ts: float
 
 
+def bulk(value: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+def pack_fields(fields: Sequence[bytes | str]) -> bytes:
+    """Field/value pairs as RESP bulk strings, ready to follow the field count in EVALSHA."""
+    return b"".join([bulk(f.encode() if isinstance(f, str) else f) for f in fields])
+
+
 @dataclass(frozen=True, slots=True)
 class Append:
-    """One XADD: a stream key, its flat field/value list, and its dedup identity (or None)."""
+    """One XADD: a stream key, its field/value pairs as RESP (`count` bulk strings in `packed`),
+    and its dedup identity (or None). Packed once, where the entry is built."""
 
     stream: str
-    fields: Sequence[bytes | str]
+    count: int
+    packed: bytes
     dedup: Dedup | None = None
+
+    @classmethod
+    def of(cls, stream: str, fields: Sequence[bytes | str], dedup: Dedup | None = None) -> Append:
+        return cls(stream, len(fields), pack_fields(fields), dedup)
+
+    def fields(self) -> list[bytes]:
+        """The field/value pairs back from RESP (for tests and tools, not the hot path)."""
+        out, pos = [], 0
+        for _ in range(self.count):
+            end = self.packed.index(b"\r\n", pos)
+            size = int(self.packed[pos + 1 : end])
+            out.append(self.packed[end + 2 : end + 2 + size])
+            pos = end + 4 + size
+        return out
 
 
 def redis_client(
@@ -130,9 +156,8 @@ def redis_client(
     )
 
 
-def _bulk(value: bytes | str) -> bytes:
-    raw = value.encode() if isinstance(value, str) else value
-    return b"$%d\r\n%b\r\n" % (len(raw), raw)
+def _bulk(value: str) -> bytes:
+    return bulk(value.encode())
 
 
 _NO_DEDUP = b"".join(_bulk(v) for v in ("0", "", "0", "0"))
@@ -162,19 +187,18 @@ class RedisSink:
         """The whole EVALSHA command for a batch, in RESP."""
         parts = []
         args = 3 + len(self._keys)
+        index = self._index
         for a in appends:
             d = a.dedup
             if d is None:
-                parts.append(self._index[a.stream] + _NO_DEDUP)
+                parts.append(index[a.stream] + _NO_DEDUP)
             else:
-                parts.append(self._index[a.stream] + self._index[d.key] + _bulk(d.asset)
-                             + _bulk(str(d.seq)) + _bulk(repr(d.ts)))  # fmt: skip
-            parts.append(_bulk(str(len(a.fields))))
-            parts += [
-                b"$%d\r\n%b\r\n" % (len(f), f) if isinstance(f, bytes) else _bulk(f)
-                for f in a.fields
-            ]
-            args += 6 + len(a.fields)
+                asset, seq, ts = d.asset.encode(), b"%d" % d.seq, repr(d.ts).encode()
+                parts.append(b"%b%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+                    index[a.stream], index[d.key], len(asset), asset, len(seq), seq, len(ts), ts))  # fmt: skip
+            count = b"%d" % a.count
+            parts.append(b"$%d\r\n%b\r\n%b" % (len(count), count, a.packed))
+            args += 6 + a.count
         return b"*%d\r\n" % args + self._head + b"".join(parts)
 
     async def check(self) -> None:

@@ -40,7 +40,7 @@ def _encode(appends: Sequence[Append]) -> bytes:
         head: list[bytes | str] = (
             [a.stream, d.key, d.asset, str(d.seq), repr(d.ts)] if d else [a.stream, "", "", "", ""]
         )
-        items = [*head, *a.fields]
+        items = [*head, str(a.count), a.packed]
         parts.append(_U32.pack(len(items)))
         for item in items:
             raw = item.encode() if isinstance(item, str) else bytes(item)
@@ -61,9 +61,9 @@ def _decode(payload: bytes) -> list[Append]:
             pos += _U32.size
             items.append(bytes(view[pos : pos + size]))
             pos += size
-        stream, key, asset, seq, ts, *fields = items
+        stream, key, asset, seq, ts, count, packed = items
         dedup = Dedup(key.decode(), asset.decode(), int(seq), float(ts)) if key else None
-        appends.append(Append(stream.decode(), fields, dedup))
+        appends.append(Append(stream.decode(), int(count), packed, dedup))
     return appends
 
 

@@ -93,9 +93,9 @@ async def test_a_batch_written_twice_leaves_one_copy(redis_url: str, unique: str
     sink = RedisSink(
         RedisSettings(url=redis_url), [keys.telemetry("r"), keys.dedup("r"), keys.dead_letters]
     )
-    batch = [Append(keys.telemetry("r"), ["asset", f"a{i % 3}", "seq", str(i)], Dedup(keys.dedup("r"), f"a{i % 3}", i, 1.0 + i))
+    batch = [Append.of(keys.telemetry("r"), ["asset", f"a{i % 3}", "seq", str(i)], Dedup(keys.dedup("r"), f"a{i % 3}", i, 1.0 + i))
              for i in range(300)]  # fmt: skip
-    batch.append(Append(keys.dead_letters, ["reason", "json"]))
+    batch.append(Append.of(keys.dead_letters, ["reason", "json"]))
     first, _ = await sink.write(batch)
     second, _ = await sink.write(batch)
     await sink.close()

@@ -12,7 +12,7 @@ from bridge.spool import Spool, SpoolFull
 
 def _batch(start: int, count: int) -> list[Append]:
     return [
-        Append(
+        Append.of(
             "p:tel:telemetry",
             ["asset", "a1", "seq", str(i), "payload", b"\xff\x00raw"],
             Dedup("p:dedup:telemetry", "a1", i, 1.5 + i),
@@ -37,7 +37,7 @@ def test_batches_come_back_in_order_with_their_bytes_and_dedup(tmp_path: Path) -
     assert len(list(tmp_path.glob("seg-*.spool"))) > 1
     drained = _drain(spool)
     assert [a.dedup.seq for a in drained if a.dedup] == list(range(100))
-    assert drained[0].fields == [b"asset", b"a1", b"seq", b"0", b"payload", b"\xff\x00raw"]
+    assert drained[0].fields() == [b"asset", b"a1", b"seq", b"0", b"payload", b"\xff\x00raw"]
     assert drained[0].dedup == Dedup("p:dedup:telemetry", "a1", 0, 1.5)
     assert spool.empty
     assert spool.bytes == 0
