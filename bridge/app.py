@@ -43,7 +43,7 @@ class BridgeApp:
         self.settings = settings
         self.registry = registry
         self.metrics = BridgeMetrics(registry)
-        self.keys = Keys(settings.redis.key_prefix)
+        self.keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
         self.intake = Intake(settings.bridge, self.keys)
         self.sink = RedisSink(settings.redis, self.intake.write_keys)
         self.source = MqttSource(
@@ -57,7 +57,9 @@ class BridgeApp:
         self.spool = None if spool_dir is None else Spool(
             spool_dir, settings.bridge.spool.max_bytes, settings.bridge.spool.segment_bytes
         )  # fmt: skip
-        self._route_of = {self.keys.telemetry(r): r for r in self.intake.route_names}
+        self._route_of = {
+            s: r for r in self.intake.route_names for s in self.keys.telemetry_streams(r)
+        }
         self.pending: deque[Pending] = deque()
         self.writing: list[Pending] = []  # taken from pending, not yet stored and acknowledged
         self._arrived = asyncio.Event()
@@ -325,7 +327,7 @@ class BridgeApp:
         try:
             if not await self._connect_redis(stop):
                 return
-            streams = {r: self.keys.telemetry(r) for r in self.intake.route_names}
+            streams = {r: self.keys.telemetry_streams(r) for r in self.intake.route_names}
             retention = Retention(
                 self.sink.client, streams, self.settings.bridge.retention, self.metrics
             )

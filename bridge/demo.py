@@ -132,7 +132,7 @@ class Demo:
     def __init__(self, settings: Settings, config: Path | None, workdir: Path, assets: int) -> None:
         self.settings = settings
         self.workdir = workdir
-        self.keys = Keys(settings.redis.key_prefix)
+        self.keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
         self.redis_port = _pick_port(6379)
         self.mqtt_port = _pick_port(settings.broker.port)
         self.ports = {name: _pick_port(port) for name, port in (
@@ -186,7 +186,7 @@ class Demo:
         ]
 
     def summary(self, started: float) -> str:
-        tel = [self.keys.telemetry(r.name) for r in self.settings.bridge.routes]
+        tel = [s for r in self.settings.bridge.routes for s in self.keys.telemetry_streams(r.name)]
         try:
             written = sum(int(self.db.xlen(k)) for k in tel)
             dead = int(self.db.xlen(self.keys.dead_letters))

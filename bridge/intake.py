@@ -18,7 +18,7 @@ from bridge.routing import Route, RouteTable
 from bridge.sink import Append, Dedup, bulk
 from bridge.source import Inbound
 from config.errors import PayloadRejected
-from config.keys import Keys
+from config.keys import Keys, shard_of
 from config.settings import BridgeSettings, RateLimitSettings
 from observability.metrics import UNROUTED
 
@@ -75,8 +75,12 @@ class Intake:
         self._settings = settings
         self._keys = keys
         self.routes = RouteTable(settings.routes)
-        self._streams = {r.name: keys.telemetry(r.name) for r in self.routes.routes}
-        self._dedup_keys = {r.name: keys.dedup(r.name) for r in self.routes.routes}
+        self._shards = keys.shards
+        self._streams = {r.name: keys.telemetry_streams(r.name) for r in self.routes.routes}
+        self._dedup_keys = {
+            r.name: [keys.dedup(r.name, shard) for shard in range(keys.shards)]
+            for r in self.routes.routes
+        }
         self._route_field = {
             r.name: bulk(b"route") + bulk(r.name.encode()) for r in self.routes.routes
         }
@@ -90,7 +94,9 @@ class Intake:
     @property
     def write_keys(self) -> list[str]:
         """Every key an append from this intake may name: the sink's fixed key table."""
-        return [self._keys.dead_letters, *self._streams.values(), *self._dedup_keys.values()]
+        streams = [key for keys in self._streams.values() for key in keys]
+        dedup = [key for keys in self._dedup_keys.values() for key in keys]
+        return [self._keys.dead_letters, *streams, *dedup]
 
     def classify(self, inbound: Inbound) -> Pending:
         matched = self.routes.match(inbound.topic) if inbound.topic is not None else None
@@ -154,10 +160,11 @@ class Intake:
         for name, text in sample.texts.items():
             parts += [_bulk_name(text_field(name)), bulk(text.encode())]
         count += 2 * (len(sample.values) + len(sample.texts))
+        shard = shard_of(sample.asset, self._shards)
         dedup = None
         if self._settings.dedup:
-            dedup = Dedup(self._dedup_keys[route.name], sample.asset, sample.seq, sample.ts)
-        return Append(self._streams[route.name], count, b"".join(parts), dedup)
+            dedup = Dedup(self._dedup_keys[route.name][shard], sample.asset, sample.seq, sample.ts)
+        return Append(self._streams[route.name][shard], count, b"".join(parts), dedup)
 
     def dead_letter(self, inbound: Inbound, route: str, reason: Reason, detail: str) -> Pending:
         cap = self._settings.dlq_payload_bytes

@@ -40,21 +40,21 @@ def _text(value: bytes | str) -> str:
 
 class Retention:
     def __init__(
-        self, redis: aioredis.Redis, streams: dict[str, str], settings: RetentionSettings,
+        self, redis: aioredis.Redis, streams: dict[str, list[str]], settings: RetentionSettings,
         metrics: BridgeMetrics,
     ) -> None:  # fmt: skip
         self._redis = redis
-        self._streams = streams  # route -> stream key
+        self._streams = streams  # route -> its shard streams
         self._settings = settings
         self._metrics = metrics
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            for route, stream in self._streams.items():
+            for route, streams in self._streams.items():
                 try:
-                    await self.trim(route, stream)
+                    await self.trim_route(route, streams)
                 except RedisError as exc:
-                    log.debug("retention pass skipped", extra={"stream": stream, "error": str(exc)})
+                    log.debug("retention pass skipped", extra={"route": route, "error": str(exc)})
             try:
                 async with asyncio.timeout(self._settings.interval_s):
                     await stop.wait()
@@ -78,8 +78,22 @@ class Retention:
                 points.append(_after(_text(last or "0-0")))
         return min(points, key=_parse) if points else None
 
-    async def trim(self, route: str, stream: str) -> int:
-        """One pass over one stream; the number of entries trimmed."""
+    async def trim_route(self, route: str, streams: list[str]) -> int:
+        """One pass over a route's shard streams; sets its gauges. The number trimmed."""
+        trimmed, length = 0, 0
+        for stream in streams:
+            cut, left = await self.trim(stream)
+            trimmed += cut
+            length += left
+        self._metrics.stream_entries.labels(route).set(length)
+        # The bound applies per stream; the ratio is that of the fullest share of it.
+        self._metrics.stream_fill_ratio.labels(route).set(
+            length / (self._settings.max_entries * len(streams))
+        )
+        return trimmed
+
+    async def trim(self, stream: str) -> tuple[int, int]:
+        """One pass over one stream: (entries trimmed, entries left)."""
         length = int(await self._redis.xlen(stream))
         cuts: list[str] = []
         if length > self._settings.max_entries:
@@ -96,7 +110,4 @@ class Retention:
             if safe is not None and _parse(safe) < _parse(cut):
                 cut = safe
             trimmed = int(await self._redis.xtrim(stream, minid=cut, approximate=False))
-            length -= trimmed
-        self._metrics.stream_entries.labels(route).set(length)
-        self._metrics.stream_fill_ratio.labels(route).set(length / self._settings.max_entries)
-        return trimmed
+        return trimmed, length - trimmed

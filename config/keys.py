@@ -5,7 +5,13 @@ Keys are built from configured names only (prefix, route, group), never from a r
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+
+
+def shard_of(asset: str, shards: int) -> int:
+    """The shard of an asset: crc32, stable across processes and languages (unlike hash())."""
+    return zlib.crc32(asset.encode()) % shards if shards > 1 else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,14 +19,29 @@ class Keys:
     """Key names under one prefix (default `iotbridge`)."""
 
     prefix: str = "iotbridge"
+    shards: int = 1
 
-    def telemetry(self, route: str) -> str:
-        """Telemetry stream of a route: `iotbridge:tel:<route>`."""
-        return f"{self.prefix}:tel:{route}"
+    def telemetry(self, route: str, shard: int = 0) -> str:
+        """Telemetry stream of a route (and shard): `iotbridge:tel:<route>`, or with several
+        shards `iotbridge:tel:<route>:{<shard>}`. The hash tag puts a shard's streams and dedup
+        state in one Redis Cluster slot, so one script can write them together."""
+        return (
+            f"{self.prefix}:tel:{route}"
+            if self.shards == 1
+            else f"{self.prefix}:tel:{route}:{{{shard}}}"
+        )
 
-    def dedup(self, route: str) -> str:
-        """Per-asset dedup state of a route (a hash, one field per asset)."""
-        return f"{self.prefix}:dedup:{route}"
+    def telemetry_streams(self, route: str) -> list[str]:
+        """Every shard stream of a route, in shard order."""
+        return [self.telemetry(route, shard) for shard in range(self.shards)]
+
+    def dedup(self, route: str, shard: int = 0) -> str:
+        """Per-asset dedup state of a route's shard (a hash, one field per asset)."""
+        return (
+            f"{self.prefix}:dedup:{route}"
+            if self.shards == 1
+            else f"{self.prefix}:dedup:{route}:{{{shard}}}"
+        )
 
     def bridge_subscriptions(self, client_id: str) -> str:
         """The filters a bridge's persistent session was last subscribed to (JSON list)."""

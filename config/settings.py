@@ -99,6 +99,13 @@ class RedisSettings(Section):
     password: SecretStr | None = Field(
         None, description="Redis password; set it with IOTBRIDGE_REDIS__PASSWORD."
     )
+    stream_shards: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Telemetry streams per route, split by asset (crc32); every sample of an asset "
+        "lands in one shard. Fixed for the life of the data: bridges and workers must agree.",
+    )
     socket_timeout_s: float = Field(
         2.0, gt=0, description="Timeout of one command; short, so a stalled Redis is noticed."
     )

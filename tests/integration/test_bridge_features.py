@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from bridge.retention import Retention
 from bridge.sink import Append, Dedup, RedisSink
-from config.keys import Keys
+from config.keys import Keys, shard_of
 from config.settings import RedisSettings, RetentionSettings, Settings
 from observability.metrics import BridgeMetrics
 from tests.clients import Publisher, running_bridge, sample, telemetry, wait_for
@@ -236,14 +236,18 @@ async def test_retention_trims_to_its_bound_but_never_an_entry_pending_in_a_grou
     db.xack(stream, "workers", *ids[:30])  # 30 acked, 30 pending, 40 not yet delivered
     metrics = BridgeMetrics(CollectorRegistry())
     client = redis.asyncio.Redis.from_url(redis_url)
-    retention = Retention(client, {"telemetry": stream}, RetentionSettings(max_entries=10), metrics)
+    retention = Retention(
+        client, {"telemetry": [stream]}, RetentionSettings(max_entries=10), metrics
+    )
     try:
-        assert await retention.trim("telemetry", stream) == 30  # only the acked ones could go
+        assert (
+            await retention.trim_route("telemetry", [stream]) == 30
+        )  # only the acked ones could go
         assert [e[0] for e in db.xrange(stream)] == ids[30:]
         db.xack(stream, "workers", *ids[30:60])
         db.xreadgroup("workers", "w1", {stream: ">"})
         db.xack(stream, "workers", *ids[60:])
-        assert await retention.trim("telemetry", stream) == 60
+        assert await retention.trim_route("telemetry", [stream]) == 60
     finally:
         await client.aclose()
     assert db.xlen(stream) == 10
@@ -280,3 +284,31 @@ async def test_a_route_with_a_declared_contract_stores_typed_values(
     [letter] = _dead_letters(settings)
     assert letter["reason"] == "schema"
     assert "less than or equal to 500" in letter["error"]
+
+
+async def test_with_shards_every_asset_lands_in_exactly_its_own_shard(
+    make_settings: Callable[..., Settings], mqtt_url: str, unique: str
+) -> None:
+    settings = make_settings(
+        redis={"url": make_settings().redis.url, "key_prefix": unique, "stream_shards": 4}
+    )
+    publisher = Publisher(mqtt_url, f"{unique}-pub", settings.mqtt.protocol)
+    keys = Keys(unique, 4)
+    async with running_bridge(settings) as app:
+        for seq in range(5):
+            for a in range(40):
+                publisher.publish(_topic(unique, f"a{a}"), telemetry(seq))
+        assert publisher.wait_acked() == 200
+        await _settle(app, 200)
+    publisher.close()
+    db = redis.Redis.from_url(settings.redis.url, decode_responses=True)
+    assert keys.telemetry("telemetry", 3) == f"{unique}:tel:telemetry:{{3}}"
+    seen: dict[str, int] = {}
+    for shard, stream in enumerate(keys.telemetry_streams("telemetry")):
+        entries = [f for _, f in db.xrange(stream)]
+        assert 0 < len(entries) < 200  # the load is spread
+        for entry in entries:
+            assert seen.setdefault(entry["asset"], shard) == shard
+            assert shard_of(entry["asset"], 4) == shard
+    assert len(seen) == 40
+    assert not db.exists(Keys(unique).telemetry("telemetry"))  # no unsharded stream was written
