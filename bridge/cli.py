@@ -18,7 +18,7 @@ import typer
 from prometheus_client import CollectorRegistry
 
 from config import loader
-from config.errors import ConfigError
+from config.errors import ConfigError, IotBridgeError
 from config.settings import Settings
 from observability.lifecycle import serve
 from observability.logs import setup_logging
@@ -71,15 +71,20 @@ def _logging(settings: Settings, log_format: str | None, log_level: str | None) 
 
 
 def _run(component: Component, host: str, port: int, registry: CollectorRegistry) -> None:
-    asyncio.run(
-        serve(
-            host=host,
-            port=port,
-            registry=registry,
-            readiness=component.readiness,
-            body=component.run,
+    try:
+        asyncio.run(
+            serve(
+                host=host,
+                port=port,
+                registry=registry,
+                readiness=component.readiness,
+                body=component.run,
+            )
         )
-    )
+    except (IotBridgeError, OSError) as exc:
+        # A port in use, a refused configuration: one line, not a traceback.
+        log.error("cannot run: %s", exc)  # noqa: TRY400 -- the message is the whole answer
+        raise typer.Exit(2) from exc
 
 
 @app.command("check-config")
