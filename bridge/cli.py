@@ -22,6 +22,7 @@ from config.errors import ConfigError, IotBridgeError
 from config.settings import Settings
 from observability.lifecycle import serve
 from observability.logs import setup_logging
+from observability.metrics import readiness_gauge
 
 log = logging.getLogger("iotbridge")
 
@@ -71,6 +72,9 @@ def _logging(settings: Settings, log_format: str | None, log_level: str | None) 
 
 
 def _run(component: Component, host: str, port: int, registry: CollectorRegistry) -> None:
+    name = {"EmbeddedBroker": "broker", "BridgeApp": "bridge", "WorkerApp": "worker",
+            "SimulatorApp": "simulator"}.get(type(component).__name__, "unknown")  # fmt: skip
+    readiness_gauge(registry, name, component.readiness)
     try:
         asyncio.run(
             serve(

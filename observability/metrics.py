@@ -7,6 +7,7 @@ Each set is built against an injectable registry, so tests use a fresh one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
@@ -41,6 +42,19 @@ def build_info(registry: CollectorRegistry, component: str) -> None:
     Info("iotbridge_build", "Build of the running process.", registry=registry).info(
         {"version": _version(), "component": component}
     )
+
+
+def readiness_gauge(
+    registry: CollectorRegistry, component: str, readiness: Callable[[], tuple[bool, str]]
+) -> None:
+    """`iotbridge_ready{component}`: 1 while /readyz would answer 200, read at scrape time."""
+    gauge = Gauge(
+        "iotbridge_ready",
+        "1 while the process can do its job (what /readyz answers).",
+        ["component"],
+        registry=registry,
+    )
+    gauge.labels(component).set_function(lambda: float(readiness()[0]))
 
 
 class BridgeMetrics:

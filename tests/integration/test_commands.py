@@ -77,6 +77,8 @@ def test_command_serves_health_and_metrics_logs_json_and_stops_cleanly(
         status, metrics = _get(port, "/metrics")
         assert status == 200
         assert "iotbridge_build_info{" in metrics
+        component = {"simulate": "simulator"}.get(command, command)
+        assert f'iotbridge_ready{{component="{component}"}} 1.0' in metrics
         if promtool := _promtool():
             check = subprocess.run([promtool, "check", "metrics"], input=metrics, capture_output=True,
                                    text=True, timeout=30, check=False)  # fmt: skip
