@@ -211,8 +211,8 @@ class BridgeApp:
                 return
             self._redis_succeeded()
             await asyncio.to_thread(self.spool.consume)
-            for append, new in zip(appends, written, strict=True):
-                if not new:
+            for append, flag in zip(appends, written, strict=True):
+                if flag == 0:
                     self.metrics.duplicates.labels(self._route_of[append.stream]).inc()
             if self.spool.empty:
                 log.info("spool drained; writing to redis directly")
@@ -234,9 +234,10 @@ class BridgeApp:
         self._retry_at = 0.0
         self._set_redis(ok=True)
 
-    def _acknowledge(self, batch: list[Pending], written: list[bool] | None) -> None:
+    def _acknowledge(self, batch: list[Pending], written: list[int] | None) -> None:
         """PUBACK the batch in arrival order and count each message once. `written` has one flag
-        per append (False: a duplicate); None when the batch went to the spool."""
+        per append (the sink's: 0 duplicate, 1 written, 2 written unverified); None when the batch
+        went to the spool."""
         self.source.ack([item.inbound for item in batch])
         flags = iter(written) if written is not None else None
         now = time.monotonic()
@@ -245,15 +246,17 @@ class BridgeApp:
         publish_to_write = self.metrics.publish_to_write
         wall = time.time()
         for item in batch:
-            new = True if flags is None or item.append is None else next(flags)
+            flag = 1 if flags is None or item.append is None else next(flags)
             if item.append is None:
                 counts["skipped", item.route, ""] += 1
             elif item.reason is not None:
                 counts["rejected", item.route, item.reason.value] += 1
-            elif not new:
+            elif flag == 0:
                 counts["duplicates", item.route, ""] += 1
             else:
                 counts["forwarded", item.route, ""] += 1
+                if flag == 2:
+                    counts["unverified", item.route, ""] += 1
                 if item.device_ts is not None and flags is not None:
                     publish_to_write.observe(max(0.0, wall - item.device_ts))
             latency.observe(now - item.inbound.received)

@@ -7,12 +7,16 @@ leaves one copy. The caller acknowledges the batch's messages only after `write`
 Redis failure becomes SinkUnavailable (retryable) and nothing of the batch may be acknowledged.
 
 Dedup state is one hash field per asset (`iotbridge:dedup:<route>`): the highest `seq` seen, the
-device time of that message, and a 48-bit window of the sequence numbers just below it. Memory is
-O(assets), not O(messages), and it never expires, so the window outlasts any outage:
-- seq above the high-water mark: new; the window slides;
+device time of that message, and a ring of 1,024 bits for the sequence numbers just below it.
+Memory is O(assets) (about 200 bytes each), not O(messages), and it never expires:
+- seq above the high-water mark: new; the ring slides;
 - seq at or below it with a device time newer than the high-water message: the device restarted
-  (seq back to 0); the window restarts;
-- otherwise a bit in the window says whether it was seen; older than the window: a redelivery.
+  (seq back to 0); the ring restarts;
+- within the ring: its bit says whether the seq was seen;
+- older than the ring: written, and counted as unverifiable (flag 2). Dropping it could lose real
+  data: bridges sharing a subscription deliver one asset's messages out of order, one bridge far
+  behind the other. A redelivery after a crash is never that old, because at most
+  `mqtt.receive_maximum` (default 1,000) messages are in flight.
 """
 
 from __future__ import annotations
@@ -39,8 +43,17 @@ _EVICTING = {"allkeys-lru", "allkeys-lfu", "allkeys-random"}
 # ARGV per entry: stream key index, dedup key index (0: none), asset, seq, ts, field count, fields.
 # Numbers are formatted with %.17g / %.0f: Lua's default tostring would print 1e+15 for big seqs.
 _APPEND_SCRIPT = """
-local W = 48
-local SPAN = 2 ^ W
+local W = 1024
+local EMPTY = string.rep('\\0', W / 8)
+local function getbit(ring, p)
+  return bit.band(string.byte(ring, math.floor(p / 8) + 1), bit.lshift(1, p % 8)) ~= 0
+end
+local function setbit(ring, p, on)
+  local i = math.floor(p / 8) + 1
+  local byte, mask = string.byte(ring, i), bit.lshift(1, p % 8)
+  if on then byte = bit.bor(byte, mask) else byte = bit.band(byte, bit.bnot(mask)) end
+  return string.sub(ring, 1, i - 1) .. string.char(byte) .. string.sub(ring, i + 1)
+end
 local out = {}
 local i = 1
 while i <= #ARGV do
@@ -49,40 +62,39 @@ while i <= #ARGV do
   local first = i + 6
   local last = first + tonumber(ARGV[i + 5]) - 1
   i = last + 1
-  local new = true
+  local flag = 1
   if dedup > 0 then
-    local hw, hwts, mask = seq, ts, 1
+    local hw, hwts, ring = seq, ts, EMPTY
     local state = redis.call('HGET', KEYS[dedup], asset)
     if state then
-      local a, b, c = string.match(state, '^(%S+) (%S+) (%S+)$')
-      hw, hwts, mask = tonumber(a), tonumber(b), tonumber(c)
+      local cut = string.find(state, '\\n', 1, true)
+      local a, b = string.match(string.sub(state, 1, cut - 1), '^(%S+) (%S+)$')
+      hw, hwts, ring = tonumber(a), tonumber(b), string.sub(state, cut + 1)
       if seq > hw then
-        local d = seq - hw
-        if d >= W then mask = 1 else mask = (mask * 2 ^ d) % SPAN + 1 end
+        if seq - hw >= W then
+          ring = EMPTY
+        else
+          for s = hw + 1, seq - 1 do ring = setbit(ring, s % W, false) end
+        end
         hw = seq
         if ts > hwts then hwts = ts end
       elseif ts > hwts then
-        hw, hwts, mask = seq, ts, 1
-      else
-        local d = hw - seq
-        if d >= W or math.floor(mask / 2 ^ d) % 2 == 1 then
-          new = false
-        else
-          mask = mask + 2 ^ d
-        end
+        hw, hwts, ring = seq, ts, EMPTY
+      elseif hw - seq >= W then
+        flag = 2
+      elseif getbit(ring, seq % W) then
+        flag = 0
       end
     end
-    if new then
-      redis.call('HSET', KEYS[dedup], asset,
-        string.format('%.0f %.17g %.0f', hw, hwts, mask))
+    if flag == 1 then
+      ring = setbit(ring, seq % W, true)
+      redis.call('HSET', KEYS[dedup], asset, string.format('%.0f %.17g', hw, hwts) .. '\\n' .. ring)
     end
   end
-  if new then
+  if flag > 0 then
     redis.call('XADD', KEYS[stream], '*', unpack(ARGV, first, last))
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
   end
+  out[#out + 1] = flag
 end
 return out
 """
@@ -233,9 +245,9 @@ class RedisSink:
             await pool.release(conn)
         return list(reply)
 
-    async def write(self, appends: Sequence[Append]) -> tuple[list[bool], float]:
-        """Append a batch atomically: per entry True (written) or False (a duplicate), and the
-        seconds it took. Raises SinkUnavailable: nothing may be acknowledged, and a retry is
+    async def write(self, appends: Sequence[Append]) -> tuple[list[int], float]:
+        """Append a batch atomically: per entry 1 (written), 0 (a duplicate, not written) or 2
+        (written, older than the dedup window), and the seconds it took. Raises SinkUnavailable: nothing may be acknowledged, and a retry is
         safe for telemetry (a batch applied before its reply was lost is deduplicated)."""
         if not appends:
             return [], 0.0
@@ -250,7 +262,7 @@ class RedisSink:
                 written = await self._execute(command)
         except (RedisError, OSError) as exc:
             raise SinkUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        return [bool(flag) for flag in written], time.perf_counter() - started
+        return [int(flag) for flag in written], time.perf_counter() - started
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -87,6 +87,13 @@ class BridgeMetrics:
             ["route"],
             registry=registry,
         )
+        self.unverified = Counter(
+            "iotbridge_bridge_dedup_unverified_total",
+            "Messages written although older than the dedup window (1,024 seqs below the asset's "
+            "highest), so not checked for redelivery; also counted as forwarded.",
+            ["route"],
+            registry=registry,
+        )
         self.skipped = Counter(
             "iotbridge_bridge_messages_skipped_total",
             "Retained messages acknowledged without a write (bridge.retained: skip).",
@@ -223,6 +230,53 @@ class WorkerMetrics:
             "iotbridge_worker_batch_duration_seconds",
             "Read, detect, write and ack of one batch.",
             buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.open_anomalies = Gauge(
+            "iotbridge_worker_open_anomalies",
+            "Anomalies started and not yet ended, in the shards this worker owns.",
+            ["route", "detector"],
+            registry=registry,
+        )
+        self.claimed = Counter(
+            "iotbridge_worker_entries_claimed_total",
+            "Pending entries claimed with XAUTOCLAIM (retries, and a lost owner's entries).",
+            ["route"],
+            registry=registry,
+        )
+        self.dead_lettered = Counter(
+            "iotbridge_worker_entries_dead_lettered_total",
+            "Entries written to the worker dead-letter stream and acked, by reason "
+            "(malformed: never valid; poison: processing failed max_deliveries times).",
+            ["route", "reason"],
+            registry=registry,
+        )
+        self.shards_owned = Gauge(
+            "iotbridge_worker_shards_owned",
+            "Telemetry streams (route and shard) whose lease this worker holds.",
+            registry=registry,
+        )
+        self.shard_changes = Counter(
+            "iotbridge_worker_shard_changes_total",
+            "Shard leases acquired, released (balance, shutdown) and lost (taken or expired).",
+            ["change"],
+            registry=registry,
+        )
+        self.checkpoint_age = Gauge(
+            "iotbridge_worker_checkpoint_age_seconds",
+            "Age of the oldest checkpoint among owned shards with entries waiting (0 when caught up).",
+            registry=registry,
+        )
+        self.publish_to_flag = Histogram(
+            "iotbridge_worker_publish_to_flag_seconds",
+            "From an entry's device timestamp to the write of the anomaly it caused (includes clock "
+            "skew between device and worker; timer-driven staleness events are not counted).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.state_assets = Gauge(
+            "iotbridge_worker_state_assets",
+            "Assets with detector state in the shards this worker owns.",
             registry=registry,
         )
         self.connected = Gauge(
