@@ -1,0 +1,198 @@
+"""The processes of a benchmark subject: started, watched and stopped by PID, measured from outside.
+
+A subject is `baseline` (bench/baseline.py), `bridge` (one `iotbridge bridge`) or `bridge2` (two
+bridges in one shared subscription group), each configured through its command line or environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+SHARED_GROUP = "bench"
+# What `python -m bridge.cli bridge` imports from the repository.
+PACKAGES = ("bridge", "config", "observability")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# The integration tests' server helpers, imported by name so that `mypy bench` checks bench only.
+services = importlib.import_module("tests.services")
+free_port, wait_until = services.free_port, services.wait_until
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads), from /proc/<pid>/stat."""
+    data = Path(f"/proc/{pid}/stat").read_text()
+    fields = data[data.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+@dataclass
+class Proc:
+    """One process of a subject, started and stopped by PID, its output in a log file."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    cwd: Path = ROOT
+    metrics_port: int | None = None  # a bridge: ready when /readyz answers 200
+    popen: subprocess.Popen[bytes] | None = None
+    starts: int = 0  # the baseline prints `ready` once per start
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.popen = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.cwd, env=self.env
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def ready(self) -> bool:
+        if not self.alive():
+            raise RuntimeError(f"{self.name} exited: {self.tail()}")
+        if self.metrics_port is None:
+            return self.log.read_text(errors="replace").count("ready") >= self.starts
+        try:
+            url = f"http://127.0.0.1:{self.metrics_port}/readyz"
+            with urllib.request.urlopen(url, timeout=0.5) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def terminate(self) -> None:
+        """One SIGTERM: a second one would make the bridge exit without draining."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float = 30) -> int | None:
+        if self.popen is None:
+            return None
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+        return self.popen.returncode
+
+    def tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def snapshot_code(dest: Path) -> tuple[Path, str]:
+    """Copy the packages a bridge imports, so that every process of the run runs the same code
+    even while someone edits the working tree; (the copy, a short hash of its sources)."""
+    digest = hashlib.sha256()
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, dest / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))  # fmt: skip
+        for path in sorted((dest / package).rglob("*")):
+            if path.is_file():
+                digest.update(str(path.relative_to(dest)).encode() + b"\0" + path.read_bytes())
+    return dest, digest.hexdigest()[:12]
+
+
+def subject_procs(
+    subject: str, mqtt_url: str, redis_url: str, prefix: str, workdir: Path, code: Path,
+    bridge_env: dict[str, str] | None = None,
+) -> list[Proc]:  # fmt: skip
+    """The subject's processes; a bridge runs from `code` (its working directory comes first on
+    sys.path, before the editable install's finder)."""
+    if subject == "baseline":
+        argv = [sys.executable, str(BENCH / "baseline.py"), "--mqtt-url", mqtt_url,
+                "--redis-url", redis_url, "--prefix", prefix, "--client-id", f"{prefix}-0"]  # fmt: skip
+        return [Proc("baseline", argv, dict(os.environ), workdir / f"{prefix}-0.log")]
+    count = {"bridge": 1, "bridge2": 2}[subject]
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("IOTBRIDGE_")}
+    procs = []
+    for index in range(count):
+        port = free_port()
+        env = base_env | {
+            "IOTBRIDGE_MQTT__URL": mqtt_url,
+            "IOTBRIDGE_MQTT__PROTOCOL": "5",
+            "IOTBRIDGE_MQTT__CLIENT_ID": f"{prefix}-{index}",
+            "IOTBRIDGE_REDIS__URL": redis_url,
+            "IOTBRIDGE_REDIS__KEY_PREFIX": prefix,
+            "IOTBRIDGE_BRIDGE__METRICS_PORT": str(port),
+            "IOTBRIDGE_LOGGING__LEVEL": "WARNING",
+        }
+        if count > 1:
+            env["IOTBRIDGE_BRIDGE__SHARED_GROUP"] = SHARED_GROUP
+        env |= bridge_env or {}
+        argv = [sys.executable, "-m", "bridge.cli", "bridge"]
+        log = workdir / f"{prefix}-{index}.log"
+        procs.append(Proc(f"bridge-{index}", argv, env, log, cwd=code, metrics_port=port))
+    return procs
+
+
+def start_all(procs: list[Proc]) -> None:
+    for proc in procs:
+        proc.starts += 1
+        proc.start()
+
+
+def wait_ready(procs: list[Proc], timeout_s: float = 60) -> None:
+    wait_until(lambda: all(p.ready() for p in procs), timeout_s, "subject ready", poll_s=0.05)
+
+
+def stop_all(procs: list[Proc]) -> list[int | None]:
+    for proc in procs:
+        proc.terminate()
+    return [proc.wait() for proc in procs]
+
+
+def counters(proc: Proc) -> dict[str, int]:
+    """The bridge process's own account, from its /metrics: messages received, forwarded,
+    rejected, duplicate, dropped (each summed over its labels)."""
+    url = f"http://127.0.0.1:{proc.metrics_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}  # a diagnostic only: the stream itself is what the check counts
+    totals: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("iotbridge_bridge_messages_") and "_total" in line:
+            name = line.removeprefix("iotbridge_bridge_messages_").split("_total", 1)[0]
+            totals[name] = totals.get(name, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return totals
+
+
+def clear_session(host: str, port: int, client_id: str) -> None:
+    """Connect with clean start and session expiry 0: the broker forgets the session and queue."""
+    connected = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id, protocol=mqtt.MQTTv5)
+    client.on_connect = lambda *_: connected.set()
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0
+    client.connect(host, port, clean_start=True, properties=props)
+    client.loop_start()
+    try:
+        connected.wait(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
