@@ -7,7 +7,8 @@ Each set is built against an injectable registry, so tests use a fresh one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
@@ -16,8 +17,11 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    Metric,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 # `_created` series double every counter's series count and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
@@ -44,6 +48,49 @@ def build_info(registry: CollectorRegistry, component: str) -> None:
     )
 
 
+class Tally(Collector):
+    """A labelled counter for per-message counts, without prometheus_client's lock per `inc`:
+    the event loop is its only writer and the only reader (the /metrics server runs on the same
+    loop). Measured: the locked counters and histograms took 18% of the bridge's CPU."""
+
+    def __init__(self, name: str, doc: str, labels: list[str], registry: CollectorRegistry) -> None:
+        self._name, self._doc, self._labels = name.removesuffix("_total"), doc, labels
+        self.values: dict[tuple[str, ...], float] = {}
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labels)
+        for labels, value in self.values.items():
+            family.add_metric(list(labels), value)
+        yield family
+
+
+class BatchHistogram(Collector):
+    """A histogram fed a batch at a time, on the event loop (see Tally)."""
+
+    def __init__(
+        self, name: str, doc: str, buckets: tuple[float, ...], registry: CollectorRegistry
+    ) -> None:
+        self._name, self._doc = name, doc
+        self._bounds = list(buckets)
+        self._counts = [0] * (len(buckets) + 1)
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        bounds, counts = self._bounds, self._counts
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+            self._sum += value
+
+    def collect(self) -> Iterator[Metric]:
+        cumulative, total = [], 0
+        for bound, count in zip([*map(str, self._bounds), "+Inf"], self._counts, strict=True):
+            total += count
+            cumulative.append((bound, float(total)))
+        yield HistogramMetricFamily(self._name, self._doc, buckets=cumulative, sum_value=self._sum)
+
+
 def readiness_gauge(
     registry: CollectorRegistry, component: str, readiness: Callable[[], tuple[bool, str]]
 ) -> None:
@@ -63,11 +110,11 @@ class BridgeMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         build_info(registry, "bridge")
-        self.received = Counter(
+        self.received = Tally(
             "iotbridge_bridge_messages_received_total",
             "Messages received from MQTT.",
             ["route"],
-            registry=registry,
+            registry,
         )
         self.forwarded = Counter(
             "iotbridge_bridge_messages_forwarded_total",
@@ -118,18 +165,18 @@ class BridgeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.receive_to_ack = Histogram(
+        self.receive_to_ack = BatchHistogram(
             "iotbridge_bridge_receive_to_ack_seconds",
             "From a message's arrival at the bridge to its acknowledgement after the write.",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
+            registry,
         )
-        self.publish_to_write = Histogram(
+        self.publish_to_write = BatchHistogram(
             "iotbridge_bridge_publish_to_write_seconds",
             "From the device's timestamp to the write that stored the message (includes clock "
             "skew between device and bridge).",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
+            registry,
         )
         self.in_flight = Gauge(
             "iotbridge_bridge_in_flight_messages",
