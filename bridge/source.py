@@ -85,6 +85,7 @@ class MqttSource:
         # route table is noticed even when the session is resumed.
         self.previous_filters: set[str] | None = None
         self.paused = False
+        self._last_rx = 0.0
 
     def _make_client(self) -> BufferedClient:
         s = self._settings
@@ -136,6 +137,7 @@ class MqttSource:
     def _readable(self) -> None:
         if self.paused:
             return
+        self._last_rx = time.monotonic()
         # Bounded, so the writer and timers run between bursts; bytes left in the buffer would
         # never make the socket readable again, so the rest is scheduled right away.
         if self._client.read_available(_PACKETS_PER_READ):
@@ -306,8 +308,21 @@ class MqttSource:
             self._client.disconnect()
 
     async def _keepalive_until_lost(self) -> None:
+        """Drive paho's keepalive, and close a silent link after 1.5 keepalives (the limit
+        MQTT gives a broker; paho alone waits a full keepalive for a PINGRESP, about 2)."""
+        self._last_rx = time.monotonic()
+        limit_s = 1.5 * self._settings.keepalive_s
         while not self._lost.is_set():
             self._client.loop_misc()
+            silent_s = time.monotonic() - self._last_rx
+            if silent_s > limit_s and not self.paused:
+                log.warning("mqtt link silent for %.1f s, reconnecting", silent_s)
+                # Closed at once: a DISCONNECT would wait behind a dead link's send buffer.
+                self._client._sock_close()
+                self.connected = False
+                self._metrics.connected.labels("mqtt").set(0)
+                self._lost.set()
+                break
             try:
                 async with asyncio.timeout(_MISC_INTERVAL_S):
                     await self._lost.wait()
