@@ -1,0 +1,89 @@
+"""Redis refusing writes: at its memory bound (noeviction), and paused with CLIENT PAUSE."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from config.keys import Keys
+from config.settings import Settings
+from tests.clients import Publisher, running_bridge, sample, telemetry, wait_for
+from tests.services import Service, redis_service
+
+pytestmark = pytest.mark.integration
+
+M = "iotbridge_bridge_messages_"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[Service]:
+    service = redis_service(tmp_path / "redis", None, "--maxmemory-policy", "noeviction")
+    assert service is not None
+    service.start()
+    yield service
+    service.stop()
+
+
+async def test_at_the_memory_bound_nothing_is_acked_and_nothing_lost_once_memory_is_freed(
+    make_settings: Callable[..., Settings], mqtt_url: str, unique: str, own_redis: Service
+) -> None:
+    settings = make_settings(
+        redis={"url": f"redis://127.0.0.1:{own_redis.port}/0", "key_prefix": unique}
+    )
+    db = redis.Redis(port=own_redis.port, decode_responses=True)
+    publisher = Publisher(mqtt_url, f"{unique}-pub", settings.mqtt.protocol)
+    async with running_bridge(settings) as app:
+        publisher.publish(f"{unique}/plant/s1/l1/a1/telemetry", telemetry(0))
+        await wait_for(
+            lambda: sample(app, M + "forwarded_total", route="telemetry") == 1, 10, "a first write"
+        )
+        used = int(db.info("memory")["used_memory"])
+        db.config_set("maxmemory", str(used))  # full: every further write is refused (OOM)
+        for seq in range(1, 301):
+            publisher.publish(f"{unique}/plant/s1/l1/a1/telemetry", telemetry(seq))
+        await wait_for(lambda: sample(app, "iotbridge_bridge_write_errors_total", kind="oom") >= 2, 15,
+                       "refused writes to be counted as oom")  # fmt: skip
+        assert (
+            sample(app, M + "forwarded_total", route="telemetry") == 1
+        )  # no ack for a refused write
+        assert app.in_flight() == 300
+        assert app.readiness() == (False, "redis unavailable")
+        db.config_set("maxmemory", "0")
+        await wait_for(lambda: sample(app, M + "forwarded_total", route="telemetry") == 301, 20,
+                       "everything written once memory was freed")  # fmt: skip
+    assert publisher.wait_acked() == 301
+    publisher.close()
+    seqs = [int(f["seq"]) for _, f in db.xrange(Keys(unique).telemetry("telemetry"))]
+    assert seqs == list(range(301))
+
+
+async def test_client_pause_write_three_times_loses_nothing(
+    make_settings: Callable[..., Settings], mqtt_url: str, unique: str, own_redis: Service
+) -> None:
+    # A command timeout longer than the pause: Redis is alive, only slow, so it is waited for
+    # rather than dropped and reconnected.
+    settings = make_settings(redis={"url": f"redis://127.0.0.1:{own_redis.port}/0", "key_prefix": unique,
+                                    "socket_timeout_s": 8.0})  # fmt: skip
+    db = redis.Redis(port=own_redis.port, decode_responses=True)
+    publisher = Publisher(mqtt_url, f"{unique}-pub", settings.mqtt.protocol)
+    count = 0
+    async with running_bridge(settings) as app:
+        for _pause in range(3):
+            db.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
+            for _ in range(200):
+                publisher.publish(
+                    f"{unique}/plant/s1/l1/a{count % 10}/telemetry", telemetry(count // 10)
+                )
+                count += 1
+            target = count
+            await wait_for(lambda n=target: sample(app, M + "forwarded_total", route="telemetry") == n, 20,
+                           "the paused writes to complete")  # fmt: skip
+        reconnects = sample(app, "iotbridge_bridge_reconnects_total", target="redis")
+    assert publisher.wait_acked() == count
+    publisher.close()
+    assert reconnects <= 3  # at most one per pause
+    rows = {(f["asset"], f["seq"]) for _, f in db.xrange(Keys(unique).telemetry("telemetry"))}
+    assert len(rows) == count == 600
