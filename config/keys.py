@@ -43,6 +43,35 @@ class Keys:
             else f"{self.prefix}:dedup:{route}:{{{shard}}}"
         )
 
+    def _sharded(self, base: str, shard: int) -> str:
+        return base if self.shards == 1 else f"{base}:{{{shard}}}"
+
+    def worker_lease(self, group: str, route: str, shard: int = 0) -> str:
+        """Owner of a telemetry stream among a group's workers: `iotbridge:worker:<group>:lease:
+        <route>[:{<shard>}]` (a string: the owner's consumer name, with a TTL)."""
+        return self._sharded(f"{self.prefix}:worker:{group}:lease:{route}", shard)
+
+    def worker_checkpoint(self, group: str, route: str, shard: int = 0) -> str:
+        """Detector state of a telemetry stream and its last processed entry: `iotbridge:worker:
+        <group>:state:<route>[:{<shard>}]` (a hash: one field per asset, and the metadata)."""
+        return self._sharded(f"{self.prefix}:worker:{group}:state:{route}", shard)
+
+    def worker_members(self, group: str) -> str:
+        """Live workers of a group: `iotbridge:worker:<group>:members` (a sorted set of consumer
+        names scored by the expiry time of their heartbeat, in Redis milliseconds)."""
+        return f"{self.prefix}:worker:{group}:members"
+
+    def anomaly_once(
+        self, group: str, route: str, shard: int, source_id: str, detector: str, value: str,
+        event: str,
+    ) -> str:  # fmt: skip
+        """Dedup key of one anomaly event: the entry that caused it (stream and id), the detector,
+        the value and start/ended. Entry ids repeat across shard streams, hence route and shard."""
+        return (
+            f"{self.prefix}:anomaly:once:{group}:{route}:{shard}:{source_id}:{detector}:{value}:"
+            f"{event}"
+        )
+
     def bridge_subscriptions(self, client_id: str) -> str:
         """The filters a bridge's persistent session was last subscribed to (JSON list)."""
         return f"{self.prefix}:bridge:{client_id}:filters"

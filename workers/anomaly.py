@@ -1,10 +1,14 @@
 """The anomaly record contract: how one detector event is laid out in the anomaly stream.
 
 An anomaly entry has the fields `event` (`start` or `ended`), `asset`, `route`, `detector`,
-`value_name`, `value`, `bound` (the bound that was crossed), `ts` (device time of the sample, epoch
-seconds, exactly as the bridge wrote it), `source_id` (the telemetry entry that caused the event)
-and `severity`. `source_id` ties every event to one input entry, so a reader can tell a redelivered
-duplicate from a new flag.
+`value_name` (empty for detectors of the whole asset: staleness, sequence_gap), `value`, `bound` (the
+limit the detector compares with), `score` (what it compared: the value itself, |z|, dv/dt,
+unchanged samples or seconds, silent seconds, lost samples), `ts` (device time of the sample, epoch
+seconds, as the bridge wrote it), `stream` and `source_id` (the telemetry entry that caused the
+event) and `severity`. `stream` and `source_id` tie every event to one input entry, so a reader can
+tell a redelivered duplicate from a new flag; the worker also writes each event at most once
+(see `workers.outputs`). A dashboard shows open anomalies as `start`s without a later `ended` for
+the same (asset, route, detector, value_name).
 """
 
 from __future__ import annotations
@@ -34,12 +38,13 @@ class AnomalyEvent:
     value_name: str
     value: float
     bound: float
+    score: float
     ts: str
     source_id: str
     severity: str
 
-    def to_fields(self) -> dict[str, str]:
-        """The stream entry fields of this event."""
+    def to_fields(self, stream: str) -> dict[str, str]:
+        """The stream entry fields of this event; `stream` holds the source entry."""
         return {
             "event": self.event.value,
             "asset": self.asset,
@@ -48,7 +53,9 @@ class AnomalyEvent:
             "value_name": self.value_name,
             "value": format_number(self.value),
             "bound": format_number(self.bound),
+            "score": format_number(self.score),
             "ts": self.ts,
+            "stream": stream,
             "source_id": self.source_id,
             "severity": self.severity,
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 
@@ -12,30 +13,32 @@ from bridge.sink import redis_client
 from config.settings import Settings
 from observability.metrics import WorkerMetrics
 from workers.consumer import Consumer, consumer_name
-from workers.detectors import Detector
-from workers.detectors.threshold import ThresholdDetector
+from workers.detectors import Check, build_checks
+from workers.state import Engine
 
 log = logging.getLogger(__name__)
 
 
-def build_detectors(settings: Settings) -> list[Detector]:
-    return [ThresholdDetector(settings.worker.detectors.threshold)]
-
-
 class WorkerApp:
-    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry,
+        checks: Sequence[Check] | None = None,
+    ) -> None:
+        """`checks` replaces the configured detectors (tests inject their own)."""
         self._settings = settings
         self.metrics = WorkerMetrics(registry)
-        self.consumer = Consumer(
-            settings, self.metrics, build_detectors(settings), consumer_name(settings.worker)
-        )
+        engine = Engine(build_checks(settings.worker.detectors) if checks is None else checks)
+        self.consumer = Consumer(settings, self.metrics, engine, consumer_name(settings.worker))
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready when Redis answers and the consumer group exists."""
+        """Ready when Redis answers and the consumer groups exist."""
         return self.consumer.readiness()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until `stop`; then finish and ack the current batch, and close the client."""
+        """Consume until `stop`; then finish and ack the current batch, hand the shards back and
+        close the client."""
         # Built here, not in __init__, so its connections belong to the running event loop.
         client = redis_client(
             self._settings.redis,
@@ -51,7 +54,7 @@ class WorkerApp:
 
     async def _enforce_grace(self, stop: asyncio.Event, consuming: asyncio.Task[None]) -> None:
         """After stop, give the consumer the grace period to finish its batch, then cancel it: an
-        unacked batch is safe, it is redelivered to this consumer name on the next start."""
+        unacked batch is safe, the shard's next owner claims it (this worker's leases expire)."""
         await stop.wait()
         grace = self._settings.worker.shutdown_grace_s
         done, _ = await asyncio.wait({consuming}, timeout=grace)

@@ -1,58 +1,68 @@
-"""The consumer: reads the telemetry streams in a consumer group, runs the detectors, writes the
-anomalies and dead letters, then acknowledges.
+"""The consumer: owns shards, reads their streams in the consumer group, runs the detectors and
+writes the outputs (`workers.outputs`).
 
-Delivery is at-least-once: an entry is acknowledged only in the same MULTI/EXEC as the outputs it
-caused, so either both land or neither does, and a batch that failed is read again from this
-consumer's own pending entries, which are always read before new ones.
+One consumer group per telemetry stream, all named `worker.group`, and each worker one consumer in
+it; the lease (`workers.leases`), not the group, decides who reads a stream: only its owner does,
+so each asset's samples meet one state in order, and a new owner finds the old owner's unacked
+entries in the same group's pending list. One task does all the work, in this order, so the state
+is never touched by two coroutines at once:
+
+1. every third of the lease TTL: heartbeat, renew, and release or take shards. A shard taken over
+   restores its checkpoint and claims every pending entry of its stream (XAUTOCLAIM, idle 0: the
+   lease is ours) before any new entry is read, so the entries after the checkpoint are replayed in
+   id order. After a reconnect the shards still owned do the same with our own pending entries;
+2. pending entries idle longer than `claim_idle_ms` are claimed again: retries of entries whose
+   processing failed, and entries a worker read after losing its lease;
+3. every `detectors.tick_s`: the time-driven checks (staleness), with no message needed;
+4. new entries of the owned streams: XREADGROUP >, BLOCK short so a stop is prompt; with a
+   backlog the next batch is read while this one is processed (only the reading overlaps).
 
 Redis being down is a state, not an error: one warning, retries with a capped jittered backoff that
-ends early on stop, one info line when it is back.
+ends early on stop, one info line when it is back. A stop finishes the batch in hand (written,
+acked, checkpointed), then releases the leases and leaves the group's members, so the other
+workers take the shards over at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
 import os
 import socket
 import time
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from typing import cast
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import EncodableT, FieldT, KeyT, StreamIdT
 
-from config.errors import DependencyUnavailable, PayloadRejected
+from config.errors import DependencyUnavailable
 from config.keys import Keys
 from config.settings import Settings, WorkerSettings
 from observability.lifecycle import Backoff
 from observability.metrics import WorkerMetrics
 from workers.anomaly import AnomalyEvent
-from workers.detectors import Detector, decode_entry
+from workers.leases import Leases
+from workers.outputs import LeaseLost, Outputs, commit
+from workers.processing import Delivery, process, sweep
+from workers.reporting import Reporter
+from workers.state import Engine, Shard, ShardState, shards_of
+from workers.streams import (
+    Entry,
+    autoclaim,
+    create_groups,
+    delivery_counts,
+    read_new,
+    translated,
+)
 
 log = logging.getLogger(__name__)
 
 TARGET = "redis"
-# XREADGROUP ids: "0" replays this consumer's own pending entries, ">" asks for new ones.
-PENDING = "0"
-NEW = ">"
-LAG_REFRESH_S = 1.0
+SCAN_START = "0-0"
 # A BLOCK must end before socket_timeout does, or every idle read would look like a stalled server.
 _BLOCK_MARGIN_MS = 250
-
-# Down, restarting (LOADING is a BusyLoadingError, a ConnectionError), stalled past socket_timeout,
-# or a replica after a failover (READONLY): all pass with time, so all are retried.
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
-
-# (stream key, entry id, fields); fields are None for a pending entry that was trimmed away.
-RawEntry = tuple[str, str, dict[str, str] | None]
+# Errors of failed entries kept for their dead letter; beyond this the oldest are forgotten.
+_MAX_REMEMBERED_ERRORS = 10_000
 
 
 def consumer_name(worker: WorkerSettings) -> str:
@@ -60,89 +70,49 @@ def consumer_name(worker: WorkerSettings) -> str:
     return worker.consumer or f"{socket.gethostname()}-{os.getpid()}"
 
 
-def _error_code(exc: ResponseError) -> str:
-    # Redis error replies start with a code word; redis-py has classes for only a few of them.
-    return str(exc).split(" ", 1)[0]
-
-
-@contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    """Library errors that pass with time become `DependencyUnavailable`."""
-    try:
-        yield
-    except _UNAVAILABLE as exc:
-        raise DependencyUnavailable(f"redis: {exc}") from exc
-    except ResponseError as exc:
-        if _error_code(exc) != "NOGROUP":
-            raise
-        # Someone deleted the group (or the stream); the next session creates it again.
-        raise DependencyUnavailable(f"redis: {exc}") from exc
-
-
-def _entries(reply: Any) -> list[RawEntry]:
-    """Flatten an XREADGROUP reply: RESP2 `[[stream, [(id, fields), ...]], ...]` or a RESP3 map."""
-    if not reply:
-        return []
-    streams = reply.items() if isinstance(reply, dict) else reply
-    return [
-        (str(stream), str(entry_id), fields)
-        for stream, items in streams
-        for entry_id, fields in items
-    ]
-
-
-def _fields(fields: dict[str, str]) -> dict[FieldT, EncodableT]:
-    # redis-py's parameter type is an invariant dict of unions; a str dict is a valid argument.
-    return dict(fields.items())
-
-
 async def _stopped_within(stop: asyncio.Event, delay: float) -> bool:
     """Sleep `delay`, or less if `stop` is set; True when stopping."""
     try:
-        await asyncio.wait_for(stop.wait(), timeout=delay)
+        await asyncio.wait_for(stop.wait(), timeout=max(0.0, delay))
     except TimeoutError:
         return False
     return True
 
 
-@dataclass
-class _Batch:
-    """Outputs of one batch, written in one transaction."""
-
-    events: list[AnomalyEvent] = field(default_factory=list)
-    dead_letters: list[dict[str, str]] = field(default_factory=list)
-    acks: dict[str, list[str]] = field(default_factory=dict)
-    processed: Counter[str] = field(default_factory=Counter)
-
-
 class Consumer:
-    """One consumer of the group `worker.group` on every route's telemetry stream."""
+    """One consumer of the group `worker.group` on every route's telemetry streams."""
 
     def __init__(
-        self,
-        settings: Settings,
-        metrics: WorkerMetrics,
-        detectors: Sequence[Detector],
-        name: str,
+        self, settings: Settings, metrics: WorkerMetrics, engine: Engine, name: str
     ) -> None:
+        worker = settings.worker
         self.name = name
-        self._group = settings.worker.group
-        self._batch_size = settings.worker.batch_size
-        self._block_ms = max(
-            1,
-            min(
-                settings.worker.block_ms,
-                int(settings.redis.socket_timeout_s * 1000) - _BLOCK_MARGIN_MS,
-            ),
-        )
+        self._group = worker.group
+        self._batch_size = worker.batch_size
+        self._claim_idle_ms = worker.claim_idle_ms
+        self._max_deliveries = worker.max_deliveries
+        self._dedup_ttl_ms = int(worker.dedup_ttl_s * 1000)
+        self._tick_s = worker.detectors.tick_s
+        self._beat_s = worker.lease_ttl_ms / 3000
+        socket_ms = int(settings.redis.socket_timeout_s * 1000) - _BLOCK_MARGIN_MS
+        # The loop must come round often enough to renew the leases in time.
+        self._block_ms = max(1, min(worker.block_ms, socket_ms, int(self._beat_s * 500)))
         self._backoff_settings = settings.backoff
-        self._keys = Keys(settings.redis.key_prefix)
-        # stream key -> route name: labels and outputs carry configured names only.
-        self._routes = {self._keys.telemetry(r.name): r.name for r in settings.bridge.routes}
-        self._detectors = tuple(detectors)
+        self._keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
+        self._shards = shards_of(self._keys, self._group, [r.name for r in settings.bridge.routes])
+        self._engine = engine
+        self._leases = Leases(self._keys, self._group, name, self._shards, worker.lease_ttl_ms)
         self._metrics = metrics
-        self._cursors: dict[str, str] = {}
-        self._lag_refreshed_at = -math.inf
+        self._report = Reporter(metrics, self._group)
+        self.owned: dict[str, ShardState] = {}
+        # Owned shards whose state must be reloaded from the checkpoint, and shards whose pending
+        # entries must be claimed and processed before new entries are read.
+        self._stale: set[str] = set()
+        self._recovering: set[str] = set()
+        self._caught_up: set[str] = set()
+        self._errors: dict[tuple[str, str], str] = {}
+        self._clock = (0, 0.0)  # (Redis time in ms, time.monotonic() when it was read)
+        self._due: dict[str, float] = {}
         self._down_since: float | None = None
         self.connected = False
         self.group_ready = False
@@ -156,7 +126,8 @@ class Consumer:
         return True, "ready"
 
     async def run(self, client: Redis, stop: asyncio.Event) -> None:
-        """Consume until `stop` is set; the batch in hand is written and acked before returning."""
+        """Consume until `stop` is set; the batch in hand is written and acked before returning,
+        then the leases are released."""
         backoff = Backoff(self._backoff_settings)
         try:
             while not stop.is_set():
@@ -168,139 +139,242 @@ class Consumer:
                     if await _stopped_within(stop, delay):
                         break
                     self._metrics.reconnects.labels(target=TARGET).inc()
+            await self._leave(client)
         finally:
             # Stopped or cancelled, this consumer no longer does its job: /readyz must say so.
             self.connected = self.group_ready = False
             self._metrics.connected.labels(target=TARGET).set(0)
 
     async def _session(self, client: Redis, stop: asyncio.Event, backoff: Backoff) -> None:
-        """One connected stretch: (re)create the groups, drain own pending, then read new entries."""
-        with _translated():
-            await self._create_groups(client)
+        """One connected stretch: (re)create the groups, replay pending entries, read new ones."""
+        with translated():
+            await create_groups(client, [shard.stream for shard in self._shards], self._group)
+        self.group_ready = True
         self._mark_up()
         backoff.reset()
-        # After any failure the unacked batch is in our pending list: replay it before new entries.
-        self._cursors = dict.fromkeys(self._routes, PENDING)
-        while not stop.is_set():
-            with _translated():
-                batch = await self._read(client)
-            if batch:
-                await self._handle(client, batch)
-            with _translated():
-                await self._refresh_lag(client)
+        # A write that failed may or may not have landed: the checkpoints are the truth (they are
+        # written with the acks). Reload them, then replay our pending entries before new ones.
+        self._stale = set(self.owned)
+        self._due = {}
+        ahead: asyncio.Task[dict[str, list[Entry]]] | None = None
+        try:
+            # After stop, a batch already read ahead is still processed: it is ours, pending.
+            while not stop.is_set() or ahead is not None:
+                with translated():
+                    await self._housekeeping(client)
+                streams = self._readable()
+                if ahead is None and not streams:
+                    await _stopped_within(stop, self._due["beat"] - time.monotonic())
+                    continue
+                with translated():
+                    if ahead is None:
+                        reply = await self._read(client, streams, self._block_ms)
+                    else:
+                        reply, ahead = await ahead, None
+                backlog = any(len(items) == self._batch_size for items in reply.values())
+                if backlog and not stop.is_set():
+                    # Redis prepares the next batch while this one is processed and written.
+                    ahead = asyncio.create_task(self._read(client, streams, None))
+                # A shard lost or being replayed meanwhile is skipped: its replay (XAUTOCLAIM of
+                # our pending entries, in id order) includes these entries.
+                readable = set(self._readable())
+                batch = [
+                    Delivery(self.owned[s], items) for s, items in reply.items() if s in readable
+                ]
+                if batch:
+                    await self._handle(client, batch)
+        finally:
+            if ahead is not None:
+                # Its entries, if it got any, are pending for us: the next session replays them.
+                ahead.cancel()
+                await asyncio.wait({ahead})  # raises only if this task itself is cancelled
+                if not ahead.cancelled():
+                    ahead.exception()  # retrieved: an outage is reported once, by the session
 
-    async def _create_groups(self, client: Redis) -> None:
-        for stream in self._routes:
-            try:
-                # From "0", not "$": entries written before the first worker started count too.
-                await client.xgroup_create(stream, self._group, id="0", mkstream=True)
-            except ResponseError as exc:
-                if _error_code(exc) != "BUSYGROUP":
-                    raise
-        self.group_ready = True
+    def _readable(self) -> list[str]:
+        """Owned streams whose new entries may be read: not waiting for a reload or a replay."""
+        return [s for s in self.owned if s not in self._stale and s not in self._recovering]
 
-    async def _read(self, client: Redis) -> list[RawEntry]:
-        backlog = {stream: cursor for stream, cursor in self._cursors.items() if cursor != NEW}
-        streams: dict[KeyT, StreamIdT] = {}
-        streams.update(backlog or dict.fromkeys(self._routes, NEW))
-        # Reads of pending entries return at once; only reads of new entries wait.
-        reply = await client.xreadgroup(
-            self._group,
-            self.name,
-            streams,
-            count=self._batch_size,
-            block=None if backlog else self._block_ms,
+    async def _read(
+        self, client: Redis, streams: list[str], block_ms: int | None
+    ) -> dict[str, list[Entry]]:
+        reply = await read_new(client, self._group, self.name, streams, self._batch_size, block_ms)
+        for stream in streams:
+            if len(reply.get(stream, ())) < self._batch_size:
+                self._caught_up.add(stream)
+            else:
+                self._caught_up.discard(stream)
+        return reply
+
+    def _is_due(self, task: str, every_s: float) -> bool:
+        now = time.monotonic()
+        if now < self._due.get(task, 0.0):
+            return False
+        self._due[task] = now + every_s
+        return True
+
+    async def _housekeeping(self, client: Redis) -> None:
+        if self._is_due("beat", self._beat_s):
+            await self._rebalance(client)
+        for stream in sorted(self._stale):
+            if stream in self.owned:
+                await self._load(client, self.owned[stream].shard)
+            self._stale.discard(stream)
+        for stream in sorted(self._recovering):
+            await self._claim(client, stream, 0)
+            self._recovering.discard(stream)
+        if self._is_due("claim", self._claim_idle_ms / 2000):
+            for stream in list(self.owned):
+                await self._claim(client, stream, self._claim_idle_ms)
+        if self._is_due("sweep", self._tick_s):
+            await self._sweep(client)
+        if self._is_due("report", 1.0):
+            await self._report.refresh(client, self._shards, self.owned)
+
+    async def _rebalance(self, client: Redis) -> None:
+        """Heartbeat, renew what we hold, then release down to or take up to our share."""
+        now_ms, members = await self._leases.heartbeat(client)
+        self._clock = (now_ms, time.monotonic())
+        mine = [state.shard for state in self.owned.values()]
+        held = await self._leases.renew(client, mine)
+        for shard in set(mine) - set(held):
+            self._drop(shard, "lost")
+        target = self._leases.target(len(members))
+        mine = [shard for shard in self._leases.preferred if shard.stream in self.owned]
+        if len(mine) > target:
+            extra = mine[target:]
+            await self._leases.release(client, extra)
+            for shard in extra:
+                self._drop(shard, "released")
+        elif len(mine) < target:
+            free = [shard for shard in self._leases.preferred if shard.stream not in self.owned]
+            for shard in await self._leases.acquire(client, free, target - len(mine)):
+                await self._take(client, shard)
+        self._report.ownership(self.owned)
+
+    async def _take(self, client: Redis, shard: Shard) -> None:
+        state = await self._load(client, shard)
+        self._report.taken(state)
+        log.info(
+            "shard taken",
+            extra={"stream": shard.stream, "assets": len(state.assets), "after": state.last_id},
         )
-        entries = _entries(reply)
-        for stream in backlog:
-            ids = [entry_id for key, entry_id, _ in entries if key == stream]
-            # Continue after the last entry seen; none left means the backlog is drained.
-            self._cursors[stream] = ids[-1] if ids else NEW
-        return entries
 
-    async def _handle(self, client: Redis, entries: list[RawEntry]) -> None:
+    async def _load(self, client: Redis, shard: Shard) -> ShardState:
+        """The shard's state from its checkpoint; its pending entries are replayed next."""
+        state = ShardState(shard, self._engine)
+        # decode_responses=True: the reply is str -> str (redis-py types it for either mode).
+        state.restore(cast("dict[str, str]", await client.hgetall(shard.checkpoint)))
+        self.owned[shard.stream] = state
+        self._recovering.add(shard.stream)
+        self._caught_up.discard(shard.stream)
+        self._report.ownership(self.owned)
+        return state
+
+    def _drop(self, shard: Shard, change: str) -> None:
+        state = self.owned.pop(shard.stream, None)
+        self._stale.discard(shard.stream)
+        self._recovering.discard(shard.stream)
+        self._caught_up.discard(shard.stream)
+        if state is not None:
+            self._report.dropped(state, change)
+            log.info("shard %s", change, extra={"stream": shard.stream})
+
+    async def _claim(self, client: Redis, stream: str, min_idle_ms: int) -> None:
+        """Claim and process the stream's pending entries idle at least `min_idle_ms`."""
+        cursor = SCAN_START
+        while (state := self.owned.get(stream)) is not None:
+            with translated():
+                page = await autoclaim(
+                    client, stream, self._group, self.name, min_idle_ms, cursor, self._batch_size
+                )
+                ids = [entry_id for entry_id, _ in page.entries]
+                counts = await delivery_counts(client, stream, self._group, self.name, ids)
+            if page.deleted:
+                log.info("pending entries no longer in the stream were dropped by Redis",
+                         extra={"stream": stream, "count": len(page.deleted)})  # fmt: skip
+            if page.entries:
+                self._metrics.claimed.labels(route=state.shard.route).inc(len(page.entries))
+                await self._handle(client, [Delivery(state, page.entries, counts)])
+            if page.done:
+                return
+            cursor = page.cursor
+
+    async def _handle(self, client: Redis, deliveries: Sequence[Delivery]) -> None:
         # Timed from after the read: a blocking read's wait is idle time, not work.
         started = time.perf_counter()
-        for detector in self._detectors:
-            detector.checkpoint()
-        batch = self._detect(entries)
-        try:
-            with _translated():
-                acked = await self._commit(client, batch)
-        except BaseException:
-            # Unacked, these entries come back as own pending; the detectors must meet them in the
-            # state they met them in the first time, or a `start` would be lost.
-            for detector in self._detectors:
-                detector.rollback()
-            raise
-        for letter in batch.dead_letters:
-            log.warning("malformed entry dead-lettered and acked", extra=letter)
-        self._count(batch, acked)
+        result = process(deliveries, self._max_deliveries, self._errors)
+        written = await self._write(client, result.outputs, [d.state for d in deliveries])
+        if not written:
+            return
+        for key, error in result.retrying.items():
+            if key not in self._errors:
+                log.warning("entry failed, left pending for a retry",
+                            extra={"stream": key[0], "source_id": key[1], "error": error})  # fmt: skip
+            self._errors[key] = error
+        for key in result.given_up:
+            self._errors.pop(key, None)
+        while len(self._errors) > _MAX_REMEMBERED_ERRORS:
+            del self._errors[next(iter(self._errors))]
+        for _, reason, letter in result.outputs.dead_letters:
+            log.warning("entry dead-lettered (%s) and acked", reason, extra=letter)
         self._metrics.batch_duration.observe(time.perf_counter() - started)
 
-    def _detect(self, entries: list[RawEntry]) -> _Batch:
-        batch = _Batch()
-        for stream, entry_id, fields in entries:
-            route = self._routes[stream]
-            batch.acks.setdefault(stream, []).append(entry_id)
-            try:
-                sample = decode_entry(route, entry_id, fields)
-            except PayloadRejected as exc:
-                batch.dead_letters.append(
-                    {"source_id": entry_id, "stream": stream, "error": exc.detail}
+    async def _sweep(self, client: Redis) -> None:
+        """The time-driven checks, in stream time: Redis' clock where we are caught up, the last
+        entry's time where a backlog is still being read."""
+        redis_now = self._clock[0] + int((time.monotonic() - self._clock[1]) * 1000)
+        clocks = [(state, redis_now if stream in self._caught_up else state.watermark_ms)
+                  for stream, state in self.owned.items()]  # fmt: skip
+        outputs, swept = sweep(clocks)
+        if outputs:
+            await self._write(client, outputs, swept)
+
+    async def _write(self, client: Redis, outputs: Outputs, states: Sequence[ShardState]) -> bool:
+        """Commit `outputs`; on success the states take the batch, on failure they roll back."""
+        try:
+            with translated():
+                acked = await commit(
+                    client, self._keys, self._group, self.name, outputs, self._dedup_ttl_ms
                 )
-                continue
-            batch.processed[route] += 1
-            for detector in self._detectors:
-                batch.events.extend(detector.feed(sample))
-        return batch
+        except LeaseLost as lost:
+            for state in states:
+                state.rollback()
+            for stream in lost.streams:
+                if stream in self.owned:
+                    self._drop(self.owned[stream].shard, "lost")
+            # The batch's other shards were not written either: their entries are pending, ours.
+            self._stale.update(s.shard.stream for s in states if s.shard.stream in self.owned)
+            return False
+        except BaseException:
+            for state in states:
+                state.rollback()
+            raise
+        events: dict[Shard, list[AnomalyEvent]] = {}
+        for shard, event in outputs.events:
+            events.setdefault(shard, []).append(event)
+        for state in states:
+            last_id, watermark = outputs.positions.get(
+                state.shard, (state.last_id, state.watermark_ms)
+            )
+            state.committed(events.get(state.shard, []), last_id, watermark)
+        self._report.written(outputs, acked, self.owned)
+        return True
 
-    async def _commit(self, client: Redis, batch: _Batch) -> dict[str, int]:
-        """Write the outputs and ack in one MULTI/EXEC; acked entries per stream."""
-        async with client.pipeline(transaction=True) as pipe:
-            for event in batch.events:
-                pipe.xadd(self._keys.anomalies, _fields(event.to_fields()))
-            for letter in batch.dead_letters:
-                pipe.xadd(self._keys.worker_dead_letters, _fields(letter))
-            for stream, ids in batch.acks.items():
-                pipe.xack(stream, self._group, *ids)
-            results = await pipe.execute()
-        # XACK counts only entries still pending for the group, so the metric says what happened.
-        counts = results[len(results) - len(batch.acks) :]
-        return {stream: int(n) for stream, n in zip(batch.acks, counts, strict=True)}
-
-    def _count(self, batch: _Batch, acked: dict[str, int]) -> None:
-        metrics = self._metrics
-        for route, processed in batch.processed.items():
-            metrics.processed.labels(route=route).inc(processed)
-        for stream, count in acked.items():
-            metrics.acked.labels(route=self._routes[stream]).inc(count)
-        for event in batch.events:
-            metrics.anomalies.labels(
-                route=event.route, detector=event.detector, severity=event.severity
-            ).inc()
-
-    async def _refresh_lag(self, client: Redis) -> None:
-        now = time.monotonic()
-        if now - self._lag_refreshed_at < LAG_REFRESH_S:
+    async def _leave(self, client: Redis) -> None:
+        """Hand the shards back (everything is checkpointed) and leave the live members."""
+        if not self.connected:
             return
-        self._lag_refreshed_at = now
-        async with client.pipeline(transaction=False) as pipe:
-            for stream in self._routes:
-                pipe.xinfo_groups(stream)
-            # A stream deleted under us answers with an error; the read will report that.
-            replies = await pipe.execute(raise_on_error=False)
-        for (stream, route), groups in zip(self._routes.items(), replies, strict=True):
-            if not isinstance(groups, list):
-                log.debug("XINFO GROUPS failed", extra={"stream": stream, "error": str(groups)})
-                continue
-            info = next((g for g in groups if g.get("name") == self._group), None)
-            if info is None:
-                continue
-            self._metrics.pending.labels(route=route).set(info["pending"])
-            # Redis reports no lag while deleted entries make it unknowable; keep the last value.
-            if info.get("lag") is not None:
-                self._metrics.lag.labels(route=route).set(info["lag"])
+        shards = [state.shard for state in self.owned.values()]
+        try:
+            with translated():
+                await self._leases.release(client, shards)
+                await self._leases.leave(client)
+        except DependencyUnavailable as exc:
+            log.debug("leases left to expire", extra={"error": str(exc)})
+        for shard in shards:
+            self._drop(shard, "released")
+        self._report.ownership(self.owned)
 
     def _mark_up(self) -> None:
         self.connected = True
@@ -314,7 +388,7 @@ class Consumer:
         else:
             log.info(
                 "consuming",
-                extra={"group": self._group, "consumer": self.name, "streams": list(self._routes)},
+                extra={"group": self._group, "consumer": self.name, "shards": len(self._shards)},
             )
 
     def _mark_down(self, exc: DependencyUnavailable, delay: float) -> None:

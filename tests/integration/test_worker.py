@@ -1,5 +1,6 @@
 """The worker against a real redis-server: anomalies, own pending first, dead letters, outages,
-and the `worker` command's readiness and clean SIGTERM exit."""
+and the `worker` command's readiness and clean SIGTERM exit. Helpers here serve the other
+`test_worker_*` modules too."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
 
 from bridge.record import value_field
 from config.keys import Keys
@@ -33,6 +35,10 @@ pytestmark = pytest.mark.integration
 ROUTE = "telemetry"
 GROUP = "workers"
 REPO = Path(__file__).resolve().parents[2]
+# Worker settings with the threshold detector alone (its shipped rules).
+THRESHOLDS_ONLY: dict[str, Any] = {
+    "detectors": {"deviation": [], "rate": [], "flatline": [], "staleness": [], "sequence_gap": []}
+}
 
 
 @pytest.fixture
@@ -45,9 +51,9 @@ async def redis(redis_url: str, unique: str) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-def telemetry(unique: str, asset: str, seq: int, **values: float) -> dict[str, str]:
+def telemetry(unique: str, asset: str, seq: int, **values: float) -> dict[FieldT, EncodableT]:
     """An entry laid out as the bridge writes it (bridge.record)."""
-    fields = {
+    fields: dict[FieldT, EncodableT] = {
         "asset": asset,
         "seq": str(seq),
         "ts": str(1_700_000_000 + seq),
@@ -110,22 +116,29 @@ async def running(app: WorkerApp, settings: Settings) -> AsyncIterator[None]:
         assert time.monotonic() - stopped_at < settings.worker.shutdown_grace_s
 
 
+async def entries(redis: Redis, key: str) -> list[tuple[str, dict[str, str]]]:
+    """XRANGE of a whole stream (this client decodes responses: str ids and fields)."""
+    return cast("list[tuple[str, dict[str, str]]]", await redis.xrange(key))
+
+
 async def anomalies(redis: Redis, keys: Keys) -> list[dict[str, str]]:
-    return [fields for _, fields in await redis.xrange(keys.anomalies)]
+    return [fields for _, fields in await entries(redis, keys.anomalies)]
 
 
 async def test_flags_out_of_range_values_once_and_acks_every_entry(
     make_settings: Callable[..., Settings], redis: Redis, unique: str
 ) -> None:
-    settings = make_settings(worker={"batch_size": 4})
+    settings = make_settings(worker={"batch_size": 4, **THRESHOLDS_ONLY})
     keys = Keys(unique)
     stream = keys.telemetry(ROUTE)
     temperatures = [20.0, 95.0, 96.0, 97.0, 95.5, 30.0, 31.0, -25.0, -26.0, 10.0]
     ids = [
-        await redis.xadd(stream, telemetry(unique, "pump-1", seq, temperature=t, vibration=1.0))
+        str(
+            await redis.xadd(stream, telemetry(unique, "pump-1", seq, temperature=t, vibration=1.0))
+        )
         for seq, t in enumerate(temperatures)
     ]
-    ids.append(await redis.xadd(stream, telemetry(unique, "fan-2", 0, vibration=9.5)))
+    ids.append(str(await redis.xadd(stream, telemetry(unique, "fan-2", 0, vibration=9.5))))
     registry = CollectorRegistry()
     app = WorkerApp(settings, registry)
 
@@ -138,8 +151,9 @@ async def test_flags_out_of_range_values_once_and_acks_every_entry(
         severity = "critical" if name == "temperature" else "warning"
         ts = str(1_700_000_000 + (0 if asset == "fan-2" else i))
         return {"event": event, "asset": asset, "route": ROUTE, "detector": "threshold",
-                "value_name": name, "value": repr(value), "bound": repr(bound), "ts": ts,
-                "source_id": ids[i], "severity": severity}  # fmt: skip
+                "value_name": name, "value": repr(value), "bound": repr(bound),
+                "score": repr(value), "ts": ts, "stream": stream, "source_id": ids[i],
+                "severity": severity}  # fmt: skip
 
     assert await anomalies(redis, keys) == [
         flag("start", 1, "pump-1", "temperature", 95.0, 90.0),
@@ -162,12 +176,12 @@ async def test_own_pending_entries_are_processed_first_on_start(
     make_settings: Callable[..., Settings], redis: Redis, unique: str
 ) -> None:
     consumer = f"{unique}-c1"
-    settings = make_settings(worker={"consumer": consumer})
+    settings = make_settings(worker={"consumer": consumer, **THRESHOLDS_ONLY})
     stream = Keys(unique).telemetry(ROUTE)
     await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
     pending_id = await redis.xadd(stream, telemetry(unique, "pump-1", 0, temperature=99.0))
     # A previous life of this consumer read the entry and died before acking it.
-    delivered = await redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=1)
+    delivered = cast("list[Any]", await redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=1))
     assert delivered[0][1][0][0] == pending_id
     new_id = await redis.xadd(stream, telemetry(unique, "pump-2", 0, temperature=-50.0))
 
@@ -188,7 +202,7 @@ async def test_a_malformed_entry_is_dead_lettered_and_acked(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="workers")
-    settings = make_settings()
+    settings = make_settings(worker=THRESHOLDS_ONLY)
     keys = Keys(unique)
     stream = keys.telemetry(ROUTE)
     no_asset = telemetry(unique, "pump-1", 0, temperature=20.0)
@@ -200,8 +214,10 @@ async def test_a_malformed_entry_is_dead_lettered_and_acked(
     async with running(WorkerApp(settings, CollectorRegistry()), settings):
         await eventually(all_acked(redis, stream, 3), "all three entries acked")
 
-    letters = [fields for _, fields in await redis.xrange(keys.worker_dead_letters)]
-    assert [(f["source_id"], f["stream"]) for f in letters] == [(i, stream) for i in bad_ids]
+    letters = [fields for _, fields in await entries(redis, keys.worker_dead_letters)]
+    assert [(f["source_id"], f["stream"], f["reason"]) for f in letters] == [
+        (i, stream, "malformed") for i in bad_ids
+    ]
     assert letters[0]["error"] == "missing field 'asset'"
     assert letters[1]["error"].startswith("a value is not a number")
     assert [f["source_id"] for f in await anomalies(redis, keys)] == [good_id]
@@ -219,7 +235,7 @@ async def test_survives_a_redis_outage_with_one_warning_and_resumes(
         pytest.skip("redis-server is not installed")
     service.start()
     url = f"redis://127.0.0.1:{service.port}/0"
-    settings = make_settings(redis={"url": url, "key_prefix": unique})
+    settings = make_settings(redis={"url": url, "key_prefix": unique}, worker=THRESHOLDS_ONLY)
     stream = Keys(unique).telemetry(ROUTE)
     registry = CollectorRegistry()
     app = WorkerApp(settings, registry)

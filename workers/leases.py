@@ -1,0 +1,116 @@
+"""Shard ownership: which worker of a group processes which telemetry stream.
+
+Each shard (one stream of a route, `workers.state.Shard`) is owned by one worker at a time through a
+lease: a key holding the owner's consumer name, taken with SET NX PX `lease_ttl_ms`, renewed by a
+compare-and-set script every third of the TTL, released by a compare-and-delete script on shutdown
+or when rebalancing, and lost when its owner stops renewing it (a crash: after at most the TTL).
+
+Live workers announce themselves in a sorted set scored by the expiry of their heartbeat, in Redis'
+clock (the scripts read TIME, so the workers' own clocks do not matter). With W live workers each
+aims to own ceil(shards / W): one above that releases its least preferred shards, one below takes
+free ones. Preference is a rendezvous hash of (worker, shard), so workers reach for different
+shards first.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+
+from redis.asyncio import Redis
+
+from config.keys import Keys
+from workers.state import Shard
+
+# KEYS[1] members; ARGV owner, ttl_ms. Reply: {Redis time in ms, live members}.
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], 3 * tonumber(ARGV[2]))
+return {now, redis.call('ZRANGE', KEYS[1], 0, -1)}
+"""
+# KEYS leases; ARGV owner, ttl_ms. Reply: the 1-based indexes of the leases still held.
+_RENEW = """
+local held = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('PEXPIRE', key, ARGV[2])
+    held[#held + 1] = i
+  end
+end
+return held
+"""
+# KEYS candidate leases in order; ARGV owner, ttl_ms, wanted. Reply: indexes of those taken.
+_ACQUIRE = """
+local taken = {}
+for i, key in ipairs(KEYS) do
+  if #taken >= tonumber(ARGV[3]) then break end
+  if redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then taken[#taken + 1] = i end
+end
+return taken
+"""
+# KEYS leases; ARGV owner. Deletes those still held by owner.
+_RELEASE = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('DEL', key)
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+class Leases:
+    """This worker's side of the lease protocol for one group."""
+
+    def __init__(
+        self, keys: Keys, group: str, owner: str, shards: Sequence[Shard], ttl_ms: int
+    ) -> None:
+        self.owner = owner
+        self.ttl_ms = ttl_ms
+        self._members = keys.worker_members(group)
+        # Rendezvous hashing: a fixed order of preference per worker.
+        self.preferred = sorted(
+            shards, key=lambda shard: zlib.crc32(f"{owner}/{shard.stream}".encode())
+        )
+
+    def target(self, members: int) -> int:
+        """Shards this worker aims to own with `members` live workers."""
+        return math.ceil(len(self.preferred) / max(1, members))
+
+    async def heartbeat(self, client: Redis) -> tuple[int, list[str]]:
+        """Announce this worker; (Redis time in ms, live workers)."""
+        now, members = await client.eval(_HEARTBEAT, 1, self._members, self.owner, self.ttl_ms)
+        return int(now), [str(m) for m in members]
+
+    async def renew(self, client: Redis, shards: Sequence[Shard]) -> list[Shard]:
+        """Extend the leases of `shards`; those still held."""
+        if not shards:
+            return []
+        held = await client.eval(
+            _RENEW, len(shards), *(s.lease for s in shards), self.owner, self.ttl_ms
+        )
+        return [shards[int(i) - 1] for i in held]
+
+    async def acquire(self, client: Redis, candidates: Sequence[Shard], wanted: int) -> list[Shard]:
+        """Take up to `wanted` free leases among `candidates`, in order."""
+        if not candidates or wanted <= 0:
+            return []
+        taken = await client.eval(
+            _ACQUIRE, len(candidates), *(s.lease for s in candidates),
+            self.owner, self.ttl_ms, wanted,
+        )  # fmt: skip
+        return [candidates[int(i) - 1] for i in taken]
+
+    async def release(self, client: Redis, shards: Sequence[Shard]) -> None:
+        if shards:
+            await client.eval(_RELEASE, len(shards), *(s.lease for s in shards), self.owner)
+
+    async def leave(self, client: Redis) -> None:
+        """Stop counting as a live worker, so the others rebalance at once."""
+        await client.zrem(self._members, self.owner)

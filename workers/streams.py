@@ -1,0 +1,141 @@
+"""The stream commands of the worker and their replies across Redis versions and protocols:
+consumer groups, reads of new entries, claims of pending ones with their delivery counts, and the
+group's lag. Library errors that pass with time become `DependencyUnavailable` here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import KeyT, StreamIdT
+
+from config.errors import DependencyUnavailable
+
+# XREADGROUP id: entries never delivered to the group.
+NEW = ">"
+# XAUTOCLAIM cursor: the start of the pending entries list, and the reply's "scan complete".
+SCAN_START = "0-0"
+
+# Down, restarting (LOADING is a BusyLoadingError, a ConnectionError), stalled past socket_timeout,
+# or a replica after a failover (READONLY): all pass with time, so all are retried.
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
+
+# (entry id, fields); fields are None for a pending entry that was trimmed or deleted.
+Entry = tuple[str, dict[str, str] | None]
+
+
+def error_code(exc: ResponseError) -> str:
+    # Redis error replies start with a code word; redis-py has classes for only a few of them.
+    return str(exc).split(" ", 1)[0]
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Library errors that pass with time become `DependencyUnavailable`."""
+    try:
+        yield
+    except _UNAVAILABLE as exc:
+        raise DependencyUnavailable(f"redis: {exc}") from exc
+    except ResponseError as exc:
+        if error_code(exc) != "NOGROUP":
+            raise
+        # Someone deleted the group (or the stream); the next session creates it again.
+        raise DependencyUnavailable(f"redis: {exc}") from exc
+
+
+async def create_groups(client: Redis, streams: Sequence[str], group: str) -> None:
+    """One group per stream, created with the stream (MKSTREAM); an existing group is fine."""
+    for stream in streams:
+        try:
+            # From "0", not "$": entries written before the first worker started count too.
+            await client.xgroup_create(stream, group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if error_code(exc) != "BUSYGROUP":
+                raise
+
+
+def grouped(reply: Any) -> dict[str, list[Entry]]:
+    """An XREADGROUP reply by stream: RESP2 `[[stream, [(id, fields), ...]], ...]` or a RESP3 map."""
+    if not reply:
+        return {}
+    streams = reply.items() if isinstance(reply, dict) else reply
+    return {str(stream): list(items) for stream, items in streams if items}
+
+
+async def read_new(
+    client: Redis, group: str, consumer: str, streams: Sequence[str], count: int,
+    block_ms: int | None,
+) -> dict[str, list[Entry]]:  # fmt: skip
+    """Entries never delivered to the group, up to `count` per stream, waiting up to `block_ms`
+    (None: not at all)."""
+    ids: dict[KeyT, StreamIdT] = dict.fromkeys(streams, NEW)
+    return grouped(await client.xreadgroup(group, consumer, ids, count=count, block=block_ms))
+
+
+@dataclass
+class Claimed:
+    """One XAUTOCLAIM page."""
+
+    cursor: str
+    entries: list[Entry] = field(default_factory=list)
+    # Redis 7+: pending entries no longer in the stream, which the claim removed from the group.
+    deleted: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.cursor == SCAN_START
+
+
+def parse_autoclaim(reply: Sequence[Any]) -> Claimed:
+    """Redis 6.2 answers `[cursor, entries]`, 7+ `[cursor, entries, deleted ids]`. 6.2 reports an
+    entry deleted from the stream as nil (no id): it cannot be acked by id, and is skipped; 7 drops
+    it from the pending list itself and names it in the third element."""
+    cursor, items = str(reply[0]), reply[1] or []
+    entries = [(str(entry_id), fields) for entry_id, fields in items if entry_id is not None]
+    deleted = [str(entry_id) for entry_id in reply[2]] if len(reply) > 2 and reply[2] else []
+    return Claimed(cursor, entries, deleted)
+
+
+async def autoclaim(
+    client: Redis, stream: str, group: str, consumer: str, min_idle_ms: int, start: str, count: int
+) -> Claimed:
+    """Claim up to `count` entries pending (for any consumer) longer than `min_idle_ms`."""
+    reply = await client.xautoclaim(stream, group, consumer, min_idle_ms, start, count=count)
+    return parse_autoclaim(reply)
+
+
+async def delivery_counts(
+    client: Redis, stream: str, group: str, consumer: str, ids: Sequence[str]
+) -> dict[str, int]:
+    """Delivery count of each of our pending `ids` (kept by Redis, so it survives a restart)."""
+    if not ids:
+        return {}
+    rows = await client.xpending_range(
+        stream, group, min=ids[0], max=ids[-1], count=2 * len(ids) + 100, consumername=consumer
+    )
+    return {str(row["message_id"]): int(row["times_delivered"]) for row in rows}
+
+
+async def group_info(
+    client: Redis, streams: Sequence[str], group: str
+) -> dict[str, dict[str, Any]]:
+    """XINFO GROUPS of our group on each stream that has it."""
+    async with client.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xinfo_groups(stream)
+        # A stream deleted under us answers with an error; the next read will report that.
+        replies = await pipe.execute(raise_on_error=False)
+    info: dict[str, dict[str, Any]] = {}
+    for stream, groups in zip(streams, replies, strict=True):
+        if isinstance(groups, list):
+            mine = next((g for g in groups if g.get("name") == group), None)
+            if mine is not None:
+                info[stream] = dict(mine)
+    return info
