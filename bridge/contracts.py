@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     StrictBool,
     StrictFloat,
     StrictInt,
@@ -56,7 +57,8 @@ class _Envelope(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    ts: Annotated[Finite, Field(gt=0)] | AwareDatetime
+    # Strict: a number that failed gt=0 must not slip through as a Unix time; strings only here.
+    ts: Annotated[Finite, Field(gt=0)] | Annotated[AwareDatetime, Strict()]
     # At most 2**53 - 1: exact in a double, as the dedup script's Lua numbers are.
     seq: Annotated[StrictInt, Field(ge=0, le=2**53 - 1)]
     asset: Annotated[str, StringConstraints(pattern=NAME_PATTERN)] | None = None
