@@ -72,6 +72,7 @@ class BridgeApp:
             spool = self.spool
             self.metrics.spool_bytes.set_function(lambda: spool.bytes)
             self.metrics.spool_entries.set_function(lambda: spool.entries)
+            self.metrics.spool_max_bytes.set(spool.max_bytes)
         self._received = self.metrics.received.values
         for route in [*self.intake.route_names, UNROUTED]:
             self._received[route,] = 0

@@ -71,11 +71,11 @@ class Retention:
         for group in groups:
             name = _text(group["name"])
             last = group["last-delivered-id"]
+            oldest = None
             if int(group["pending"]) > 0:
-                summary = await self._redis.xpending(stream, name)
-                points.append(_text(summary["min"]))
-            else:
-                points.append(_after(_text(last or "0-0")))
+                # Acked between XINFO and XPENDING: then there is no oldest, min is None.
+                oldest = (await self._redis.xpending(stream, name))["min"]
+            points.append(_text(oldest) if oldest else _after(_text(last or "0-0")))
         return min(points, key=_parse) if points else None
 
     async def trim_route(self, route: str, streams: list[str]) -> int:

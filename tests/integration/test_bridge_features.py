@@ -342,3 +342,35 @@ async def test_with_shards_every_asset_lands_in_exactly_its_own_shard(
             assert shard_of(entry["asset"], 4) == shard
     assert len(seen) == 40
     assert not db.exists(Keys(unique).telemetry("telemetry"))  # no unsharded stream was written
+
+
+async def test_retention_copes_with_entries_acked_between_its_two_reads(
+    redis_url: str, unique: str
+) -> None:
+    """XINFO says pending > 0, the worker acks everything, then XPENDING has no oldest entry."""
+    db = redis.Redis.from_url(redis_url, decode_responses=True)
+    stream = Keys(unique).telemetry("telemetry")
+    ids = [db.xadd(stream, {"seq": str(i)}) for i in range(20)]
+    db.xgroup_create(stream, "workers", id="0")
+    db.xreadgroup("workers", "w1", {stream: ">"})
+    client = redis.asyncio.Redis.from_url(redis_url)
+    real_xpending = client.xpending
+
+    async def acked_meanwhile(name: str, group: str) -> object:
+        db.xack(stream, "workers", *ids)
+        return await real_xpending(name, group)
+
+    client.xpending = acked_meanwhile  # type: ignore[method-assign]
+    retention = Retention(
+        client,
+        {"telemetry": [stream]},
+        RetentionSettings(max_entries=5),
+        BridgeMetrics(CollectorRegistry()),
+    )
+    try:
+        assert (
+            await retention.safe_point(stream)
+            == f"{ids[-1].split('-')[0]}-{int(ids[-1].split('-')[1]) + 1}"
+        )
+    finally:
+        await client.aclose()
