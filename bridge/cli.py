@@ -1,4 +1,4 @@
-"""The `iotbridge` command: broker, bridge, worker, simulate, demo, check-config.
+"""The `iotbridge` command: broker, bridge, worker, simulate, audit, demo, check-config.
 
 Each long-running command is built the same way: settings, logging, metrics registry, then the
 component's `run(stop)` beside the /metrics /healthz /readyz server (`observability.lifecycle`).
@@ -159,26 +159,136 @@ def worker(
 @app.command()
 def simulate(
     config: ConfigOption = None,
+    scenario: Annotated[
+        Path | None, typer.Option(help="Scenario file (simulators/scenarios/*.yaml).")
+    ] = None,
     assets: Annotated[int | None, typer.Option(help="Virtual assets.")] = None,
     rate: Annotated[float | None, typer.Option(help="Messages per second per asset.")] = None,
     duration: Annotated[float | None, typer.Option(help="Seconds to run.")] = None,
     qos: Annotated[int | None, typer.Option(help="Publish QoS (0 or 1).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    processes: Annotated[int | None, typer.Option(help="Publishing processes.")] = None,
+    ground_truth: Annotated[
+        Path | None, typer.Option(help="Write each injection as a JSON line to this file.")
+    ] = None,
+    acked: Annotated[
+        Path | None, typer.Option(help="Write what the broker acknowledged here, for `audit`.")
+    ] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option("--progress/--no-progress", help="Live progress (default: on a terminal)."),
+    ] = None,
     log_format: LogFormatOption = None,
     log_level: LogLevelOption = None,
 ) -> None:
-    """Drive a fleet of virtual assets over MQTT; print what was sent and acknowledged (JSON)."""
-    from simulators.app import SimulatorApp
+    """Drive a fleet of virtual assets over MQTT; print what was sent and acknowledged (JSON).
 
-    overrides = {"simulator": {"assets": assets, "rate_hz": rate, "duration_s": duration,
-                               "qos": qos, "seed": seed}}  # fmt: skip
-    settings = _settings(config, overrides)
-    _logging(settings, log_format, log_level)
-    registry = CollectorRegistry()
-    component = SimulatorApp(settings, registry)
+    Options given here win over the scenario's, which win over the settings file."""
+    from simulators.app import SimulatorApp
+    from simulators.scenario import load_scenario
+
+    settings = _settings(config)
+    plan = None
+    try:
+        if scenario is not None:
+            plan = load_scenario(scenario)
+            settings = _with_simulator(settings, plan.apply(settings.simulator).model_dump())
+        settings = _with_simulator(settings, {
+            "assets": assets, "rate_hz": rate, "duration_s": duration, "qos": qos, "seed": seed,
+            "processes": processes,
+        })  # fmt: skip
+        _logging(settings, log_format, log_level)
+        registry = CollectorRegistry()
+        show = sys.stderr.isatty() if progress is None else progress
+        component = SimulatorApp(settings, registry, scenario=plan, ground_truth=ground_truth,
+                                 acked=acked, progress=show)  # fmt: skip
+    except ConfigError as exc:
+        for problem in exc.problems:
+            typer.echo(f"{exc.source}: {problem}" if exc.source else str(problem), err=True)
+        raise typer.Exit(2) from exc
     _run(component, settings.simulator.metrics_host, settings.simulator.metrics_port, registry)
-    typer.echo(json.dumps(component.report(), sort_keys=True))
-    if component.report().get("failed", 0):
+    report = component.report()
+    typer.echo(json.dumps(report, sort_keys=True))
+    if report.get("failed", 0):
+        raise typer.Exit(1)
+
+
+def _with_simulator(settings: Settings, values: dict[str, Any]) -> Settings:
+    """`settings` with simulator fields replaced (None: kept); ConfigError with YAML paths."""
+    from pydantic import ValidationError
+
+    from config.errors import ConfigProblem
+    from config.settings import SimulatorSettings
+
+    data = settings.simulator.model_dump()
+    data.update({k: v for k, v in values.items() if v is not None})
+    try:
+        sim = SimulatorSettings.model_validate(data)
+    except ValidationError as exc:
+        problems = [ConfigProblem(f"simulator.{p.path}", p.message)
+                    for p in loader.problems_from(exc)]  # fmt: skip
+        raise ConfigError(problems) from exc
+    return settings.model_copy(update={"simulator": sim})
+
+
+@app.command()
+def audit(
+    acked: Annotated[
+        Path, typer.Option(help="The file `simulate --acked` wrote.", exists=True, dir_okay=False)
+    ],
+    config: ConfigOption = None,
+    accept_reason: Annotated[
+        list[str] | None,
+        typer.Option(help="A dead-letter reason that accounts for an acknowledged message."),
+    ] = None,
+    examples: Annotated[int, typer.Option(help="Examples listed per finding.")] = 5,
+) -> None:
+    """Check a simulator run against Redis: every acknowledged (asset, seq) must be in the
+    telemetry streams once. Prints lost / duplicated / unexpected (JSON); exit 1 on loss."""
+    import itertools
+
+    import redis
+
+    from config.keys import Keys
+    from simulators import acked as acked_file
+    from simulators.audit import asset_level_of, read_stream
+    from simulators.audit import audit as check
+
+    settings = _settings(config)
+    try:
+        loaded = acked_file.load(acked)
+    except (OSError, ValueError, KeyError) as exc:
+        typer.echo(f"{acked}: cannot read: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    name = loaded.header.get("route")
+    route = next((r for r in settings.bridge.routes if r.name == name), settings.bridge.routes[0])
+    keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
+    r = settings.redis
+    client = redis.Redis.from_url(
+        r.url, username=r.username, socket_timeout=30, decode_responses=True,
+        password=r.password.get_secret_value() if r.password is not None else None,
+    )  # fmt: skip
+    streams = keys.telemetry_streams(route.name)
+    skipped = [0]
+    try:
+        entries = itertools.chain.from_iterable(read_stream(client, key) for key in streams)
+        report = check(
+            loaded.acked,
+            loaded.telemetry(entries, skipped),
+            read_stream(client, keys.dead_letters),
+            accept_reasons=accept_reason or (),
+            asset_level=asset_level_of(route.topic, route.asset_level),
+            examples=examples,
+        )
+    except redis.RedisError as exc:
+        typer.echo(f"redis {r.url.split('@')[-1]}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        client.close()
+    result = {**report.as_dict(), "ok": report.ok, "bad_skipped": skipped[0], "streams": streams,
+              "dead_letter_stream": keys.dead_letters}  # fmt: skip
+    typer.echo(json.dumps(result, sort_keys=True))
+    if report.lost:
         raise typer.Exit(1)
 
 

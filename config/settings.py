@@ -318,33 +318,159 @@ class BridgeSettings(Section):
         return self
 
 
-class ThresholdRule(Section):
+Severity = Literal["info", "warning", "critical"]
+
+
+class DetectorRule(Section):
+    """Where a rule applies. Per detector (and value), the first rule in the list that matches
+    a sample's route and asset wins, so a specific pattern goes before a catch-all."""
+
+    route: Name | None = Field(None, description="Route the rule applies to; null: every route.")
+    assets: str = Field(
+        "*", min_length=1, description="fnmatch pattern on the asset id (e.g. `oven-*`)."
+    )
+    severity: Severity = Field("warning", description="Severity of the events it raises.")
+
+
+class ValueRule(DetectorRule):
     value: Name = Field(description="Value name in the payload's `values`.")
+
+
+class ThresholdRule(ValueRule):
     min: float | None = Field(None, description="Flag values below this bound.")
     max: float | None = Field(None, description="Flag values above this bound.")
-    severity: Literal["info", "warning", "critical"] = Field(
-        "warning", description="Severity of the flag."
+    hysteresis: float = Field(
+        0.0,
+        ge=0,
+        description="Absolute margin, in the value's unit: a flagged value must come back this far "
+        "inside the bound to end the anomaly, so a value hovering at a bound is one flag.",
     )
 
     @model_validator(mode="after")
     def _some_bound(self) -> ThresholdRule:
         if self.min is None and self.max is None:
             raise ValueError("set min, max or both")
-        if self.min is not None and self.max is not None and self.min >= self.max:
-            raise ValueError("min must be < max")
+        if self.min is not None and self.max is not None:
+            if self.min >= self.max:
+                raise ValueError("min must be < max")
+            if 2 * self.hysteresis >= self.max - self.min:
+                raise ValueError("hysteresis must be less than half of max - min")
         return self
+
+
+class DeviationRule(ValueRule):
+    alpha: float = Field(
+        0.02,
+        gt=0,
+        le=1,
+        description="EWMA weight of a new sample (about 2/alpha samples of memory).",
+    )
+    z_max: float = Field(6.0, gt=0, description="Flag when |value - mean| / std exceeds this.")
+    z_clear: float = Field(3.0, ge=0, description="End the anomaly when |z| is back at or below.")
+    warmup_samples: int = Field(
+        30, ge=2, description="Samples per asset and value before anything is flagged."
+    )
+    min_std: float = Field(
+        0.0, ge=0, description="Floor of the std, so a very steady value does not flag noise."
+    )
+
+    @model_validator(mode="after")
+    def _clear_below_max(self) -> DeviationRule:
+        if self.z_clear >= self.z_max:
+            raise ValueError("z_clear must be < z_max")
+        return self
+
+
+class RateRule(ValueRule):
+    max_per_s: float = Field(gt=0, description="Flag when |dv/dt| (device time) exceeds this.")
+    min_dt_s: float = Field(
+        1.0,
+        gt=0,
+        description="Floor of dt: at high sample rates, sample noise must not read as a fast change.",
+    )
+
+
+class FlatlineRule(ValueRule):
+    epsilon: float = Field(1e-9, ge=0, description="Largest change that still counts as unchanged.")
+    samples: int = Field(30, ge=2, description="Flag after this many unchanged samples ...")
+    duration_s: float | None = Field(
+        None,
+        gt=0,
+        description="... or after this long unchanged (device time); null: samples only.",
+    )
+
+
+class StalenessRule(DetectorRule):
+    silent_s: float = Field(
+        60.0, gt=0, description="Flag an asset that sent nothing for this long (stream time)."
+    )
+
+
+class SequenceGapRule(DetectorRule):
+    reorder_window: int = Field(
+        8,
+        ge=1,
+        le=52,
+        description="A missing seq is lost once a seq this far above it arrived; until then a "
+        "late sample fills the hole. A seq this far behind the highest is a device restart.",
+    )
+
+
+def _default_classes() -> dict[AssetClassName, float]:
+    return {"motor": 0.4, "pump": 0.3, "press": 0.2, "oven": 0.1}
 
 
 def _default_thresholds() -> list[ThresholdRule]:
     return [
-        ThresholdRule(value="temperature", min=-20.0, max=90.0, severity="critical"),
-        ThresholdRule(value="vibration", max=8.0),
+        ThresholdRule(
+            value="temperature", min=-20.0, max=90.0, hysteresis=1.0, severity="critical"
+        ),
+        ThresholdRule(value="vibration", max=8.0, hysteresis=0.2),
     ]
+
+
+def _default_deviation() -> list[DeviationRule]:
+    return [
+        DeviationRule(value="temperature", min_std=0.2),
+        DeviationRule(value="vibration", min_std=0.05),
+        DeviationRule(value="pressure", min_std=0.05),
+    ]
+
+
+def _default_rate() -> list[RateRule]:
+    return [
+        RateRule(value="temperature", max_per_s=10.0),
+        RateRule(value="vibration", max_per_s=3.0),
+        RateRule(value="pressure", max_per_s=1.5),
+    ]
+
+
+def _default_flatline() -> list[FlatlineRule]:
+    return [FlatlineRule(value=name) for name in ("temperature", "vibration", "pressure")]
 
 
 class DetectorSettings(Section):
     threshold: list[ThresholdRule] = Field(
-        default_factory=_default_thresholds, description="Static bounds per value name."
+        default_factory=_default_thresholds, description="Static bounds, with hysteresis."
+    )
+    deviation: list[DeviationRule] = Field(
+        default_factory=_default_deviation, description="EWMA mean and variance: flag |z| > z_max."
+    )
+    rate: list[RateRule] = Field(
+        default_factory=_default_rate, description="Rate of change: flag |dv/dt| > max_per_s."
+    )
+    flatline: list[FlatlineRule] = Field(
+        default_factory=_default_flatline, description="A value stuck at one reading."
+    )
+    staleness: list[StalenessRule] = Field(
+        default_factory=lambda: [StalenessRule()], description="An asset gone silent."
+    )
+    sequence_gap: list[SequenceGapRule] = Field(
+        default_factory=lambda: [SequenceGapRule(severity="info")],
+        description="`seq` jumps: samples lost before the broker (a restart to 0 is not a gap).",
+    )
+    tick_s: float = Field(
+        1.0, gt=0, le=60, description="How often time-driven detectors (staleness) are checked."
     )
 
 
@@ -353,9 +479,30 @@ class WorkerSettings(Section):
     consumer: Name | None = Field(
         None, description="Consumer name; default host-pid, unique per process."
     )
-    batch_size: int = Field(500, gt=0, description="Entries per XREADGROUP.")
+    batch_size: int = Field(500, gt=0, description="Entries per XREADGROUP, per stream.")
     block_ms: int = Field(
         1000, gt=0, le=10_000, description="XREADGROUP BLOCK; short so shutdown is prompt."
+    )
+    claim_idle_ms: int = Field(
+        30_000,
+        gt=0,
+        description="Pending entries idle this long are claimed again with XAUTOCLAIM (retries of "
+        "failed entries, entries a lost owner left behind).",
+    )
+    max_deliveries: int = Field(
+        5,
+        ge=1,
+        description="An entry whose processing failed on its this-many-th delivery (or delivered "
+        "more often) goes to the worker dead-letter stream.",
+    )
+    lease_ttl_ms: int = Field(
+        10_000,
+        ge=300,
+        description="Shard lease time to live: a crashed worker's shards are free after this; "
+        "leases and membership are renewed every third of it.",
+    )
+    dedup_ttl_s: float = Field(
+        3600.0, gt=0, description="How long an emitted anomaly's dedup key stops a re-emission."
     )
     detectors: DetectorSettings = Field(
         default_factory=DetectorSettings, description="Detector configuration."
@@ -363,6 +510,9 @@ class WorkerSettings(Section):
     metrics_host: str = Field("127.0.0.1", description="Address of /metrics, /healthz, /readyz.")
     metrics_port: int = Field(9102, ge=0, le=65535, description="Port of the worker's HTTP server.")
     shutdown_grace_s: float = Field(10.0, gt=0, description="Time allowed to finish on SIGTERM.")
+
+
+AssetClassName = Literal["motor", "pump", "press", "oven"]
 
 
 class SimulatorSettings(Section):
@@ -379,14 +529,47 @@ class SimulatorSettings(Section):
         1000, gt=0, description="Unacknowledged QoS 1 publishes per connection."
     )
     anomaly_rate: float = Field(
-        0.001, ge=0, le=1, description="Chance per message of an out-of-range value."
+        0.001,
+        ge=0,
+        le=1,
+        description="Chance per message of a one-sample out-of-range value (beside a scenario's "
+        "injections).",
     )
     seed: int = Field(1, description="Random seed, so a run can be repeated exactly.")
     client_id_prefix: Name = Field("iotbridge-sim", description="Client id prefix per connection.")
+    classes: dict[AssetClassName, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=_default_classes,
+        min_length=1,
+        description="Share of the fleet per asset class (motor, pump, press, oven); normalised.",
+    )
+    jitter: float = Field(
+        0.1,
+        ge=0,
+        le=0.45,
+        description="Random +/- fraction of the publish interval applied to each message's time.",
+    )
+    processes: int = Field(
+        1, ge=1, le=64, description="Publishing processes the fleet is split over (one core each)."
+    )
+    connect_rate_per_s: float = Field(
+        1000.0,
+        gt=0,
+        description="Connections opened per second over all processes: a connect storm costs the "
+        "broker far more memory than the same connections opened at a steady rate.",
+    )
+    ack_timeout_s: float = Field(
+        10.0, gt=0, description="After the run, how long to wait for outstanding PUBACKs."
+    )
     metrics_host: str = Field("127.0.0.1", description="Address of /metrics, /healthz, /readyz.")
     metrics_port: int = Field(
         9103, ge=0, le=65535, description="Port of the simulator's HTTP server."
     )
+
+    @model_validator(mode="after")
+    def _some_class(self) -> SimulatorSettings:
+        if sum(self.classes.values()) <= 0:
+            raise ValueError("classes: at least one share must be > 0")
+        return self
 
 
 class BrokerSettings(Section):

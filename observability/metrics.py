@@ -20,7 +20,7 @@ from prometheus_client import (
     Metric,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 # `_created` series double every counter's series count and no dashboard reads them.
@@ -215,6 +215,11 @@ class BridgeMetrics:
             "Messages in the on-disk spool.",
             registry=registry,
         )
+        self.spool_max_bytes = Gauge(
+            "iotbridge_bridge_spool_max_bytes",
+            "The spool's bound (bridge.spool.max_bytes).",
+            registry=registry,
+        )
         self.spool_full = Counter(
             "iotbridge_bridge_spool_full_total",
             "Batches that found the spool full, so their acks were held.",
@@ -263,14 +268,16 @@ class WorkerMetrics:
         )
         self.lag = Gauge(
             "iotbridge_worker_consumer_lag_entries",
-            "Entries in the stream not yet delivered to the group.",
-            ["route"],
+            "Entries of the route's streams not yet delivered to the group (XINFO GROUPS; every "
+            "worker of the group reports the same value: aggregate with max).",
+            ["route", "group"],
             registry=registry,
         )
         self.pending = Gauge(
             "iotbridge_worker_pending_entries",
-            "Entries delivered to the group and not acked.",
-            ["route"],
+            "Entries delivered to the group and not acked (XINFO GROUPS; the same on every worker "
+            "of the group).",
+            ["route", "group"],
             registry=registry,
         )
         self.batch_duration = Histogram(
@@ -340,41 +347,77 @@ class WorkerMetrics:
         )
 
 
-class SimulatorMetrics:
+class SimulatorMetrics(Collector):
+    """The simulator's metrics, read at scrape time from plain numbers the app sets from its
+    processes' progress reports (cumulative, twice a second): the publishing threads never touch
+    a metric, and the counts of several processes are summed once, here."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         build_info(registry, "simulator")
-        self.sent = Counter(
-            "iotbridge_simulator_messages_sent_total",
-            "Messages handed to the MQTT client.",
-            registry=registry,
+        self.sent = 0
+        self.acked = 0
+        self.failed: dict[str, int] = {}
+        self.faults: dict[str, int] = {}
+        self.anomalies: dict[str, int] = {}
+        self.connections = 0
+        self.assets = 0
+        self.processes = 0
+        self.outstanding = 0
+        self.target_rate = 0.0
+        self.latency_buckets: list[int] = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "iotbridge_simulator_messages_sent", "Messages handed to the MQTT client.", self.sent
         )
-        self.acked = Counter(
-            "iotbridge_simulator_messages_acked_total",
+        yield CounterMetricFamily(
+            "iotbridge_simulator_messages_acked",
             "QoS 1 messages acknowledged by the broker (QoS 0: written to the socket).",
-            registry=registry,
+            self.acked,
         )
-        self.failed = Counter(
-            "iotbridge_simulator_messages_failed_total",
-            "Publishes that failed, by kind.",
-            ["kind"],
-            registry=registry,
+        yield _labelled(
+            "iotbridge_simulator_messages_failed", "Publishes that failed, by kind.", self.failed
         )
-        self.connections = Gauge(
-            "iotbridge_simulator_connections",
-            "MQTT connections currently up.",
-            registry=registry,
+        yield _labelled(
+            "iotbridge_simulator_faults_injected",
+            "Deliberately faulty messages sent (malformed, duplicate, restart, ...), by kind.",
+            self.faults,
         )
-        self.assets = Gauge(
-            "iotbridge_simulator_assets",
-            "Virtual assets in the fleet.",
-            registry=registry,
+        yield _labelled(
+            "iotbridge_simulator_anomalies_injected",
+            "Injected anomalies started (spike, drift, stuck, dropout, out_of_range), by kind.",
+            self.anomalies,
         )
-        self.publish_latency = Histogram(
+        for name, doc, value in (
+            ("connections", "MQTT connections currently up.", self.connections),
+            ("assets", "Virtual assets in the fleet.", self.assets),
+            ("processes", "Publishing processes.", self.processes),
+            ("outstanding_messages", "Sent, not yet acknowledged.", self.outstanding),
+            ("target_rate_messages_per_second", "Scheduled rate of the whole fleet.",
+             self.target_rate),
+        ):  # fmt: skip
+            yield GaugeMetricFamily(f"iotbridge_simulator_{name}", doc, value=value)
+        cumulative, total = [], 0
+        for bound, count in zip(
+            [*map(str, LATENCY_BUCKETS), "+Inf"], self.latency_buckets, strict=True
+        ):
+            total += count
+            cumulative.append((bound, float(total)))
+        yield HistogramMetricFamily(
             "iotbridge_simulator_publish_ack_seconds",
             "QoS 1 publish to PUBACK round trip.",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            buckets=cumulative,
+            sum_value=self.latency_sum,
         )
+
+
+def _labelled(name: str, doc: str, counts: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=["kind"])
+    for kind, count in sorted(counts.items()):
+        family.add_metric([kind], count)
+    return family
 
 
 class BrokerMetrics:

@@ -1,6 +1,6 @@
-"""Publish outcomes of a run, shared by the publishing thread and every paho network thread.
+"""Publish outcomes of one engine (one thread: no locks), and their sum over processes.
 
-Counts add up: sent = acked + failed after publish (rejected, unacked) + still outstanding.
+Counts add up: sent = acked + failed after publish (rejected, unacked) + outstanding.
 Failures before publish (not_connected, queue_full, error) are never counted as sent.
 """
 
@@ -8,107 +8,119 @@ from __future__ import annotations
 
 import math
 import random
-import threading
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from observability.metrics import SimulatorMetrics
+from observability.metrics import LATENCY_BUCKETS
 
-# Latencies kept for the report's quantiles: a uniform sample of at most this many (Algorithm R),
-# so memory stays flat however long the run (100K msg/s for an hour is 360M acks).
-RESERVOIR_SIZE = 100_000
+# Latencies kept for the report's quantiles: a uniform sample of at most this many per engine
+# (Algorithm R), so memory stays flat however long the run.
+RESERVOIR_SIZE = 50_000
 # Failure kinds of messages that were sent: the broker refused them, or no ack came in time.
 SETTLED_FAILURES = ("rejected", "unacked")
 
 
 class PublishStats:
-    """Thread-safe counters and ack latencies; also feeds the Prometheus metrics."""
+    """Counters, a latency reservoir and histogram buckets, written by the engine thread only."""
 
-    def __init__(self, metrics: SimulatorMetrics, reservoir_size: int = RESERVOIR_SIZE) -> None:
-        self._metrics = metrics
-        self._lock = threading.Lock()
+    def __init__(self, reservoir_size: int = RESERVOIR_SIZE, seed: int = 0) -> None:
         self._reservoir_size = reservoir_size
-        self._rng = random.Random(0)  # only picks which latencies to keep
-        self._latencies: list[float] = []
-        self._latency_count = 0
+        self._rng = random.Random(seed)  # only picks which latencies to keep
+        self.latencies: list[float] = []
+        self.latency_count = 0
+        self.latency_sum = 0.0
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.sent = 0
         self.acked = 0
-        self.anomalies = 0
         self.failed: dict[str, int] = {}
-        # Called (from a paho thread) when a settled message leaves nothing outstanding. Unset
-        # while publishing: the count touches zero after most acks then, which nobody waits for.
-        self.on_idle: Callable[[], None] | None = None
+        self.faults: dict[str, int] = {}
+        self.anomalies: dict[str, int] = {}
+        self.silenced = 0  # messages a dropout kept back (not sent, not failed)
 
     @property
     def outstanding(self) -> int:
         """Sent and not yet settled (acknowledged, rejected or given up as unacked)."""
-        with self._lock:
-            return self._outstanding()
+        settled = sum(self.failed.get(kind, 0) for kind in SETTLED_FAILURES)
+        return self.sent - self.acked - settled
 
-    def _outstanding(self) -> int:  # the caller holds the lock
-        settled_failures = sum(self.failed.get(kind, 0) for kind in SETTLED_FAILURES)
-        return self.sent - self.acked - settled_failures
-
-    def record_sent(self, anomaly: bool) -> None:
-        with self._lock:
-            self.sent += 1
-            self.anomalies += anomaly
-        self._metrics.sent.inc()
-
-    def record_acked(self, latency_s: float | None) -> None:
-        """An acknowledgement (QoS 1) or a write to the socket (QoS 0: latency None)."""
-        with self._lock:
-            self.acked += 1
-            if latency_s is not None:
-                self._keep_latency(latency_s)
-            idle = self._outstanding() == 0
-        self._metrics.acked.inc()
-        if latency_s is not None:
-            self._metrics.publish_latency.observe(latency_s)
-        self._notify_idle(idle)
-
-    def record_failed(self, kind: str, count: int = 1) -> None:
-        if count <= 0:
-            return
-        with self._lock:
+    def fail(self, kind: str, count: int = 1) -> None:
+        if count > 0:
             self.failed[kind] = self.failed.get(kind, 0) + count
-            idle = kind in SETTLED_FAILURES and self._outstanding() == 0
-        self._metrics.failed.labels(kind=kind).inc(count)
-        self._notify_idle(idle)
 
-    def _notify_idle(self, idle: bool) -> None:
-        on_idle = self.on_idle
-        if idle and on_idle is not None:
-            on_idle()
-
-    def _keep_latency(self, latency_s: float) -> None:
-        self._latency_count += 1
-        if len(self._latencies) < self._reservoir_size:
-            self._latencies.append(latency_s)
+    def observe(self, latency_s: float) -> None:
+        self.latency_count += 1
+        self.latency_sum += latency_s
+        self.buckets[bisect_left(LATENCY_BUCKETS, latency_s)] += 1
+        if len(self.latencies) < self._reservoir_size:
+            self.latencies.append(latency_s)
             return
-        slot = self._rng.randrange(self._latency_count)
+        slot = self._rng.randrange(self.latency_count)
         if slot < self._reservoir_size:
-            self._latencies[slot] = latency_s
-
-    def latency_quantiles(self) -> dict[str, float | None]:
-        """p50 and p99 of the publish-to-ack latency in seconds (nearest rank); None without acks."""
-        with self._lock:
-            ordered = sorted(self._latencies)
-        if not ordered:
-            return {"p50": None, "p99": None}
-
-        def rank(q: float) -> float:
-            return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 6)
-
-        return {"p50": rank(0.50), "p99": rank(0.99)}
+            self.latencies[slot] = latency_s
 
     def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            failed = dict(sorted(self.failed.items()))
-            return {
-                "sent": self.sent,
-                "acked": self.acked,
-                "failed": sum(failed.values()),
-                "failed_by_kind": failed,
-                "anomalies_injected": self.anomalies,
-            }
+        return {
+            "sent": self.sent,
+            "acked": self.acked,
+            "failed_by_kind": dict(self.failed),
+            "faults": dict(self.faults),
+            "anomalies": dict(self.anomalies),
+            "silenced": self.silenced,
+            "latency_buckets": list(self.buckets),
+            "latency_sum": self.latency_sum,
+        }
+
+
+def quantiles(latencies: Iterable[float]) -> dict[str, float | None]:
+    """p50, p90, p99 and max of the publish-to-ack latency in seconds (nearest rank)."""
+    ordered = sorted(latencies)
+    if not ordered:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+
+    def rank(q: float) -> float:
+        return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 6)
+
+    return {"p50": rank(0.50), "p90": rank(0.90), "p99": rank(0.99), "max": round(ordered[-1], 6)}
+
+
+def add_counts(into: dict[str, int], counts: Mapping[str, int]) -> None:
+    for kind, count in counts.items():
+        into[kind] = into.get(kind, 0) + count
+
+
+class Totals:
+    """The latest snapshot of every engine, summed on demand (the app's one view of the run)."""
+
+    def __init__(self) -> None:
+        self.shards: dict[int, dict[str, Any]] = {}
+
+    def update(self, shard: int, snapshot: Mapping[str, Any]) -> None:
+        self.shards[shard] = dict(snapshot)
+
+    def total(self, name: str) -> int:
+        return sum(int(s.get(name, 0)) for s in self.shards.values())
+
+    def kinds(self, name: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.shards.values():
+            add_counts(out, s.get(name, {}))
+        return dict(sorted(out.items()))
+
+    def buckets(self) -> tuple[list[int], float]:
+        counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        total = 0.0
+        for s in self.shards.values():
+            for i, count in enumerate(s.get("latency_buckets", ())):
+                counts[i] += count
+            total += float(s.get("latency_sum", 0.0))
+        return counts, total
+
+    @property
+    def failed(self) -> int:
+        return sum(self.kinds("failed_by_kind").values())
+
+    @property
+    def outstanding(self) -> int:
+        settled = sum(self.kinds("failed_by_kind").get(k, 0) for k in SETTLED_FAILURES)
+        return self.total("sent") - self.total("acked") - settled

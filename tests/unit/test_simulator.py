@@ -1,119 +1,125 @@
-"""The simulator's pure parts: payloads, topics, the schedule and the publish counts."""
+"""The simulator's pure parts: classes and signals, payloads, topics, the schedule, scenarios and
+their plan, injections, the acknowledged set and its file, counts."""
 
 from __future__ import annotations
 
+import io
 import json
+import socket
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
+from config.errors import ConfigError
 from config.settings import RouteSettings, Settings, SimulatorSettings
-from observability.metrics import SimulatorMetrics
-from simulators.fleet import NORMAL_RANGES, Fleet, asset_id, topic_for
-from simulators.schedule import Schedule
-from simulators.stats import PublishStats
+from simulators import acked as acked_file
+from simulators.acklog import AckLog
+from simulators.app import shard_specs
+from simulators.connection import BufferedSocket
+from simulators.fleet import Fleet, asset_id, asset_index, messages_per_asset, topic_for
+from simulators.injection import Injector
+from simulators.models import CLASS_NAMES, CLASSES, payload_template
+from simulators.scenario import Event, Scenario, bundled, load_scenario, plan
+from simulators.stats import PublishStats, Totals, quantiles
 
 ROUTE = RouteSettings(name="telemetry", topic="tABC/plant/{site}/{line}/{asset}/telemetry")
-
-
-def messages(settings: SimulatorSettings, route: RouteSettings = ROUTE) -> list[tuple[str, Any]]:
-    """Every (topic, payload without ts) of a run, in schedule order."""
-    fleet = Fleet(settings, route)
-    schedule = Schedule(settings.assets, settings.rate_hz, settings.duration_s)
-    out = []
-    for number in range(schedule.total):
-        index, seq = schedule.slot(number)
-        topic, payload, _ = fleet.message(index, seq, ts=1_700_000_000.0)
-        body = json.loads(payload)
-        del body["ts"]
-        out.append((topic, body))
-    return out
 
 
 def sim(**fields: Any) -> SimulatorSettings:
     return SimulatorSettings(**{"assets": 20, "rate_hz": 2.0, "duration_s": 5.0, **fields})
 
 
-# --- payloads -------------------------------------------------------------------------------
+def messages(settings: SimulatorSettings) -> list[tuple[str, dict[str, Any]]]:
+    """Every (topic, payload without ts) of a run's schedule, asset by asset."""
+    fleet = Fleet(settings, ROUTE)
+    out = []
+    for local in range(fleet.count):
+        for k in range(fleet.per_asset(settings.duration_s)):
+            body = json.loads(fleet.encode(local, 1_700_000_000.0, k, fleet.values(local, k)))
+            del body["ts"]
+            out.append((fleet.topics[local], body))
+    return out
+
+
+# --- classes, values, payloads ------------------------------------------------------------------
 
 
 def test_same_seed_same_messages() -> None:
-    first = messages(sim(seed=7, anomaly_rate=0.05))
-    assert first == messages(sim(seed=7, anomaly_rate=0.05))
-    assert first != messages(sim(seed=8, anomaly_rate=0.05))
+    first = messages(sim(seed=7))
+    assert first == messages(sim(seed=7))
+    assert first != messages(sim(seed=8))
+
+
+def test_samples_depend_only_on_seed_asset_and_k() -> None:
+    small, large = Fleet(sim(assets=3), ROUTE), Fleet(sim(assets=50), ROUTE)
+    shard = Fleet(sim(assets=50), ROUTE, first=2, count=10)
+    for index, k in [(2, 9), (0, 0), (1, 5), (2, 0)]:
+        assert small.values(index, k) == large.values(index, k)
+    assert shard.values(0, 4) == large.values(2, 4)
+    assert shard.topics[0] == large.topics[2]
 
 
 def test_payload_follows_the_contract() -> None:
     fleet = Fleet(sim(), ROUTE)
-    _, payload, _ = fleet.message(3, 4, ts=1_700_000_000.25)
-    body = json.loads(payload)
+    body = json.loads(fleet.encode(3, 1_700_000_000.25, 4, fleet.values(3, 4)))
     assert set(body) == {"ts", "seq", "values"}
     assert body["ts"] == 1_700_000_000.25
     assert body["seq"] == 4
-    assert set(body["values"]) == {"temperature", "vibration", "pressure"}
+    assert list(body["values"]) == list(fleet.asset_class(3).value_names)
 
 
-def test_seq_counts_from_zero_per_asset() -> None:
-    seqs: dict[str, list[int]] = {}
-    for topic, body in messages(sim(assets=5, rate_hz=4.0, duration_s=2.0)):
-        seqs.setdefault(topic, []).append(body["seq"])
-    assert len(seqs) == 5
-    assert all(found == list(range(8)) for found in seqs.values())
-
-
-def test_samples_depend_only_on_seed_asset_and_seq() -> None:
-    small, large = Fleet(sim(assets=3), ROUTE), Fleet(sim(assets=50), ROUTE)
-    # Out of order, and in a bigger fleet: the same message.
-    for index, seq in [(2, 9), (0, 0), (1, 5), (2, 0)]:
-        assert small.message(index, seq, 1.0) == large.message(index, seq, 1.0)
-
-
-def test_values_stay_in_range_without_anomalies() -> None:
+@pytest.mark.parametrize("name", CLASS_NAMES)
+def test_every_class_stays_inside_the_default_detector_rules(name: str) -> None:
     settings = Settings()
-    rules = settings.worker.detectors.threshold
-    for _, body in messages(sim(assets=50, duration_s=20.0, anomaly_rate=0.0)):
-        for name, value in body["values"].items():
-            low, high = NORMAL_RANGES[name]
-            assert low <= value <= high
-        for rule in rules:
-            value = body["values"][rule.value]
-            assert rule.max is None or value <= rule.max
-            assert rule.min is None or value >= rule.min
+    detectors = settings.worker.detectors
+    thresholds = {r.value: r for r in detectors.threshold}
+    rates = {r.value: r.max_per_s for r in detectors.rate}
+    fleet = Fleet(sim(assets=400, classes={name: 1.0}, rate_hz=1.0), ROUTE)
+    assert {fleet.asset_class(i).name for i in range(fleet.count)} == {name}
+    for local in range(0, 400, 7):
+        previous: list[float] | None = None
+        seen: set[tuple[float, ...]] = set()
+        for k in range(0, 3000, 3):  # an hour of 1 Hz samples, and beyond a day of wear
+            values = fleet.values(local, k)
+            seen.add(tuple(values))
+            for model, value in zip(fleet.asset_class(local).values, values, strict=True):
+                low, high = model.normal
+                assert low <= value <= high
+                rule = thresholds.get(model.name)
+                if rule is not None:
+                    assert rule.max is None or value <= rule.max - rule.hysteresis
+                    assert rule.min is None or value >= rule.min + rule.hysteresis
+            if previous is not None:
+                for model, a, b in zip(
+                    fleet.asset_class(local).values, previous, values, strict=True
+                ):
+                    if model.name in rates:
+                        assert abs(a - b) / 3 <= rates[model.name]
+            previous = values
+        assert len(seen) > 990  # noisy, never flat
 
 
-def test_values_are_noisy_not_constant() -> None:
-    temperatures = [body["values"]["temperature"] for _, body in messages(sim(assets=1))]
-    assert len(set(temperatures)) == len(temperatures)
+def test_classes_follow_their_shares() -> None:
+    fleet = Fleet(sim(assets=4000, classes={"motor": 3, "oven": 1}), ROUTE)
+    counts = Counter(fleet.asset_class(i).name for i in range(fleet.count))
+    assert set(counts) == {"motor", "oven"}
+    assert 2850 <= counts["motor"] <= 3150
 
 
-def test_every_message_is_an_anomaly_at_rate_one() -> None:
-    fleet = Fleet(sim(anomaly_rate=1.0), ROUTE)
-    kinds: Counter[str] = Counter()
-    for seq in range(200):
-        _, payload, anomaly = fleet.message(seq % 20, seq, 1.0)
-        values = json.loads(payload)["values"]
-        assert values["temperature"] > 95 or values["vibration"] > 10
-        assert anomaly is not None
-        kinds[anomaly] += 1
-    assert set(kinds) == {"temperature", "vibration"}
+def test_template_matches_json() -> None:
+    for asset_class in CLASSES.values():
+        values = [1.5] * len(asset_class.values)
+        body = json.loads(payload_template(asset_class) % (1.0, 3, *values))
+        assert body["values"] == dict.fromkeys(asset_class.value_names, 1.5)
 
 
-def test_anomaly_rate_is_honoured() -> None:
-    fleet = Fleet(sim(assets=100, anomaly_rate=0.05), ROUTE)
-    flagged = sum(
-        fleet.message(index, seq, 1.0)[2] is not None for index in range(100) for seq in range(100)
-    )
-    assert 400 <= flagged <= 600  # 10 000 draws at 5 %: 500 +- 4.6 standard deviations
-
-
-# --- topics -------------------------------------------------------------------------------------
+# --- topics and ids -----------------------------------------------------------------------------
 
 
 def test_topic_of_the_first_assets() -> None:
-    topics = [topic for topic, _ in messages(sim(assets=3, rate_hz=1.0, duration_s=1.0))]
-    assert topics == [
+    assert Fleet(sim(assets=3), ROUTE).topics == [
         "tABC/plant/s1/l1/a000001/telemetry",
         "tABC/plant/s2/l1/a000002/telemetry",
         "tABC/plant/s1/l2/a000003/telemetry",
@@ -134,21 +140,12 @@ def test_topic_formatting(template: str, asset_level: str, expected: str) -> Non
     assert topic_for(route, site="s1", line="l2", asset=asset_id(41)) == expected
 
 
-def test_assets_spread_evenly_over_sites_and_lines() -> None:
-    fleet = Fleet(sim(assets=16, sites=2, lines=4), ROUTE)
-    places = Counter((asset.site, asset.line) for asset in fleet.assets)
-    assert len(places) == 8
-    assert set(places.values()) == {2}
+def test_asset_ids_round_trip() -> None:
+    assert asset_index(asset_id(99_999)) == 99_999
+    assert asset_index("b000001") is None
 
 
 # --- schedule -----------------------------------------------------------------------------------
-
-
-def test_schedule_counts() -> None:
-    schedule = Schedule(assets=200, rate_hz=5.0, duration_s=2.0)
-    assert schedule.per_asset == 10
-    assert schedule.total == 2000
-    assert schedule.target_rate == 1000.0
 
 
 @pytest.mark.parametrize(
@@ -156,72 +153,268 @@ def test_schedule_counts() -> None:
     [(10.0, 0.3, 3), (10.0, 0.7, 7), (2.0, 1.0, 2), (1.0, 60.0, 60), (1.0, 0.5, 1), (3.0, 1.9, 5)],
 )
 def test_whole_periods_per_asset(rate_hz: float, duration_s: float, per_asset: int) -> None:
-    assert Schedule(assets=1, rate_hz=rate_hz, duration_s=duration_s).per_asset == per_asset
+    assert messages_per_asset(duration_s, rate_hz) == per_asset
 
 
-def test_each_asset_publishes_once_per_period_staggered() -> None:
-    schedule = Schedule(assets=4, rate_hz=2.0, duration_s=3.0)
-    times: dict[int, list[float]] = {}
-    for number in range(schedule.total):
-        index, seq = schedule.slot(number)
-        assert seq == len(times.setdefault(index, []))
-        times[index].append(schedule.time_of(number))
-    # Each asset every 0.5 s; assets offset by 0.5 / 4 = 0.125 s from each other.
-    for index, found in times.items():
-        assert found == pytest.approx([index * 0.125 + k * 0.5 for k in range(6)])
-    assert max(t for found in times.values() for t in found) < schedule.duration_s
+def test_due_times_are_staggered_in_order_and_inside_the_run() -> None:
+    settings = sim(assets=50, rate_hz=2.0, duration_s=10.0, jitter=0.45)
+    fleet = Fleet(settings, ROUTE)
+    per_asset = fleet.per_asset(settings.duration_s)
+    firsts = sorted(fleet.offset[i] for i in range(50))
+    assert firsts[0] < 0.05  # spread over the whole interval
+    assert firsts[-1] > 0.45
+    for local in range(50):
+        due = [fleet.due_s(local, k) for k in range(per_asset)]
+        assert due == sorted(due)
+        assert all(
+            abs(d - fleet.nominal_s(local, k)) <= 0.45 * 0.5 + 1e-9 for k, d in enumerate(due)
+        )
+        assert fleet.nominal_s(local, per_asset - 1) < settings.duration_s
 
 
-def test_due_counts_slots_whose_time_has_come() -> None:
-    schedule = Schedule(assets=10, rate_hz=10.0, duration_s=1.0)  # one slot per 10 ms
-    assert schedule.due(-0.1) == 0
-    assert schedule.due(0.0) == 1
-    assert schedule.due(0.0099) == 1
-    assert schedule.due(0.01) == 2
-    assert schedule.due(0.5) == 51
-    assert schedule.due(5.0) == schedule.total == 100
-    for number in range(schedule.total):
-        assert schedule.due(schedule.time_of(number)) == number + 1
+def test_shards_take_whole_connections() -> None:
+    specs = shard_specs(assets=1001, per_connection=100, processes=3, rate=300.0)
+    assert [(s.first, s.count) for s in specs] == [(0, 400), (400, 400), (800, 201)]
+    assert all(s.connect_rate_per_s == 100.0 for s in specs)
+    assert len(shard_specs(assets=10, per_connection=10, processes=4, rate=1.0)) == 1
+
+
+# --- scenarios ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["standard", "smoke"])
+def test_bundled_scenarios_load_and_plan(name: str) -> None:
+    scenario = load_scenario(bundled(name))
+    settings = scenario.apply(SimulatorSettings())
+    events = plan(scenario, settings)
+    assert events == plan(scenario, settings)  # same seed, same plan
+    kinds = {e.kind for e in events}
+    assert {"spike", "drift", "stuck", "dropout", "out_of_range"} <= kinds
+    assert {"malformed", "wrong_type", "oversized", "duplicate", "restart", "clock_skew"} <= kinds
+    assert len({e.index for e in events}) == len(events)  # distinct assets
+    assert all(0 <= e.start_s <= e.end_s <= settings.duration_s for e in events)
+    for e in events:
+        if e.category == "anomaly" and e.kind != "dropout":
+            assert e.value is not None
+
+
+def test_standard_scenario_is_the_documented_one() -> None:
+    settings = load_scenario(bundled("standard")).apply(SimulatorSettings())
+    assert (settings.assets, settings.duration_s, settings.anomaly_rate) == (1000, 600, 0.0)
+
+
+def test_scenario_errors_carry_yaml_paths(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "fleet: {assets: 0, colour: red}\n"
+        "injections:\n  - {kind: spike}\n  - {kind: wobble}\n  - {kind: dropout, value: temperature}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_scenario(path)
+    found = {p.path: p.message for p in caught.value.problems}
+    assert found["fleet.assets"] == "must be > 0"
+    assert found["fleet.colour"] == "unknown key"
+    assert "injections[1].kind" in found
+    assert "injections[2]" in found
+    assert caught.value.source == str(path)
+
+
+def test_plan_errors_name_the_injection() -> None:
+    scenario = Scenario.model_validate({
+        "duration_s": 60,
+        "fleet": {"assets": 10, "classes": {"oven": 1}},
+        "injections": [{"kind": "spike", "asset": "a000011"},
+                       {"kind": "drift", "value": "vibration"},
+                       {"kind": "stuck", "start_s": 50, "duration_s": 20}],
+    })  # fmt: skip
+    with pytest.raises(ConfigError) as caught:
+        plan(scenario, scenario.apply(SimulatorSettings()))
+    paths = [p.path for p in caught.value.problems]
+    assert paths == ["injections[0].asset", "injections[1].value", "injections[2].start_s"]
+
+
+# --- injections ---------------------------------------------------------------------------------
+
+
+def injector(kind: str, value: int | None = 0, **fields: Any) -> tuple[Fleet, Injector, list[Any]]:
+    fleet = Fleet(
+        sim(assets=4, rate_hz=1.0, duration_s=100.0, jitter=0.0, classes={"motor": 1}), ROUTE
+    )
+    event = Event(0, fields.pop("category", "anomaly"), kind, 2, 10.0, 20.0, value,
+                  fields.pop("magnitude", 30.0), **fields)  # fmt: skip
+    truth: list[Any] = []
+    return fleet, Injector(fleet, [event], truth.append), truth
+
+
+def run(fleet: Fleet, inj: Injector, ks: range) -> list[tuple[Any, list[float]]]:
+    out = []
+    for k in ks:
+        values = fleet.values(2, k)
+        out.append((inj.apply(2, k, 1000.0 + k, values), values))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["spike", "drift", "stuck", "out_of_range", "dropout"])
+def test_anomalies_change_only_their_window(kind: str) -> None:
+    fleet, inj, truth = injector(kind, None if kind == "dropout" else 0)
+    results = run(fleet, inj, range(30))
+    inside = [k for k in range(30) if 10 <= fleet.nominal_s(2, k) < 20]
+    for k, (message, values) in enumerate(results):
+        normal = fleet.values(2, k)
+        changed = message.silenced or values != normal
+        unchanged_first = kind == "stuck" or (kind == "drift" and fleet.nominal_s(2, k) == 10.0)
+        assert changed == (k in inside and not (unchanged_first and k == inside[0]))
+        if k in inside and kind == "spike":
+            assert values[0] == pytest.approx(normal[0] + 30.0)
+        if k in inside and kind == "out_of_range":
+            assert values[0] == 30.0
+        if k in inside and kind == "stuck":
+            assert values[0] == results[inside[0]][1][0]
+    inj.finish(40.0)
+    assert len(truth) == 1
+    record = truth[0]
+    assert (record["kind"], record["asset"], record["messages"]) == (kind, "a000003", len(inside))
+    assert record["value"] == (None if kind == "dropout" else "temperature")
+    assert (record["start_seq"], record["end_seq"]) == (inside[0], inside[-1])
+
+
+def test_restart_starts_a_new_epoch_with_seq_zero_and_a_newer_ts() -> None:
+    fleet, inj, truth = injector("restart", None, category="fault")
+    results = run(fleet, inj, range(15))
+    assert [m.seq for m, _ in results] == [*range(10), *range(5)]
+    assert [m.epoch for m, _ in results] == [0] * 10 + [1] * 5
+    assert results[10][0].restarted
+    assert results[10][0].ts > 1000.0 + 10
+    assert truth[0]["kind"] == "restart"
+
+
+@pytest.mark.parametrize(("kind", "flag"), [("duplicate", "duplicate"), ("out_of_order", "hold")])
+def test_one_message_faults_apply_once(kind: str, flag: str) -> None:
+    fleet, inj, _ = injector(kind, None, category="fault")
+    flagged = [k for k, (m, _) in enumerate(run(fleet, inj, range(30))) if getattr(m, flag)]
+    assert flagged == [10]
+
+
+def test_clock_skew_marks_its_messages_bad() -> None:
+    fleet, inj, _ = injector("clock_skew", None, category="fault", skew_s=3600.0)
+    results = run(fleet, inj, range(30))
+    assert [k for k, (m, _) in enumerate(results) if m.bad] == list(range(10, 20))
+    assert results[12][0].ts == 1000.0 + 12 + 3600.0
+
+
+# --- the acknowledged set -----------------------------------------------------------------------
+
+
+def test_ack_log_keeps_ranges_per_epoch() -> None:
+    log = AckLog(first=5, count=3)
+    for seq in range(10):
+        log.add(0, 0, seq)
+    for seq in (0, 1, 3, 2, 5):  # out of order, a gap at 4
+        log.add(1, 0, seq)
+    for seq in range(4):
+        log.add(2, 0, seq)
+    log.restarted(2, 123.5)
+    for seq in range(3):
+        log.add(2, 1, seq)
+    log.add_bad(2, 1, 7)
+    assert log.ranges(0) == [(0, 0, 9)]
+    assert log.ranges(1) == [(0, 0, 3), (0, 5, 5)]
+    assert log.ranges(2) == [(0, 0, 3), (1, 0, 2)]
+    records = list(log.records())
+    assert [r["asset"] for r in records] == ["a000006", "a000007", "a000008"]
+    assert records[2] == {"asset": "a000008", "acked": [[0, 0, 3], [1, 0, 2]],
+                          "epochs": [123.5], "bad": [[1, 7]]}  # fmt: skip
+
+
+def test_acked_file_round_trip_and_epochs(tmp_path: Path) -> None:
+    log = AckLog(first=0, count=2)
+    for seq in range(5):
+        log.add(0, 0, seq)
+        log.add(1, 0, seq)
+    log.restarted(1, 200.0)
+    log.add(1, 1, 0)
+    log.add_bad(0, 0, 5)
+    path = tmp_path / "acked.jsonl"
+    with path.open("w") as out:
+        assert acked_file.write(out, {"route": "telemetry"}, log.records()) == 2
+    loaded = acked_file.load(path)
+    assert loaded.header["route"] == "telemetry"
+    assert len(loaded.acked) == 11
+    entries: list[Any] = [
+        ("1-0", {"asset": "a000002", "seq": "0", "ts": "100.0"}),
+        ("2-0", {"asset": "a000002", "seq": "0", "ts": "200.0"}),  # after the restart
+        ("3-0", {"asset": "a000001", "seq": "5", "ts": "150.0"}),  # bad: left out
+        ("4-0", {"asset": "a000001", "seq": "4", "ts": "150.0"}),
+    ]
+    skipped = [0]
+    seen = list(loaded.telemetry(entries, skipped))
+    assert [fields["asset"] for _, fields in seen] == ["a000002", "a000002@1", "a000001"]
+    assert skipped == [1]
+
+
+def test_acked_file_refuses_other_files(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"format": "something"}\n')
+    with pytest.raises(ValueError, match="not an acked file"):
+        acked_file.load(path)
 
 
 # --- counts -------------------------------------------------------------------------------------
 
 
-def test_publish_stats_add_up() -> None:
-    registry = CollectorRegistry()
-    stats = PublishStats(SimulatorMetrics(registry), reservoir_size=50)
-    for _ in range(100):
-        stats.record_sent(anomaly=False)
-    stats.record_sent(anomaly=True)
+def test_publish_stats_add_up_and_sum_over_engines() -> None:
+    stats = PublishStats(reservoir_size=50)
+    stats.sent = 101
     for latency in range(1, 100):
-        stats.record_acked(latency / 1000)
-    stats.record_failed("not_connected", 3)
+        stats.acked += 1
+        stats.observe(latency / 1000)
+    stats.fail("not_connected", 3)
     assert stats.outstanding == 2
-    stats.record_failed("unacked", stats.outstanding)
+    stats.fail("unacked", stats.outstanding)
     assert stats.outstanding == 0
-    snapshot = stats.snapshot()
-    assert snapshot == {
-        "sent": 101,
-        "acked": 99,
-        "failed": 5,
-        "failed_by_kind": {"not_connected": 3, "unacked": 2},
-        "anomalies_injected": 1,
-    }
-    quantiles = stats.latency_quantiles()
-    assert quantiles["p50"] is not None
-    assert 0.02 < quantiles["p50"] < 0.08
-    assert registry.get_sample_value("iotbridge_simulator_messages_acked_total") == 99
-    assert registry.get_sample_value("iotbridge_simulator_publish_ack_seconds_count") == 99
-    value = registry.get_sample_value(
-        "iotbridge_simulator_messages_failed_total", {"kind": "unacked"}
-    )
-    assert value == 2
+    assert len(stats.latencies) == 50
+    totals = Totals()
+    totals.update(0, stats.snapshot())
+    totals.update(1, stats.snapshot())
+    assert totals.total("sent") == 202
+    assert totals.kinds("failed_by_kind") == {"not_connected": 6, "unacked": 4}
+    assert totals.outstanding == 0
+    buckets, total = totals.buckets()
+    assert sum(buckets) == 198
+    assert total == pytest.approx(2 * sum(range(1, 100)) / 1000)
 
 
 def test_latency_quantiles_nearest_rank() -> None:
-    stats = PublishStats(SimulatorMetrics(CollectorRegistry()))
-    assert stats.latency_quantiles() == {"p50": None, "p99": None}
-    for latency in range(1, 101):
-        stats.record_sent(anomaly=False)
-        stats.record_acked(latency / 1000)
-    assert stats.latency_quantiles() == {"p50": 0.05, "p99": 0.099}
+    assert quantiles([]) == {"p50": None, "p90": None, "p99": None, "max": None}
+    got = quantiles([x / 1000 for x in range(1, 101)])
+    assert got == {"p50": 0.05, "p90": 0.09, "p99": 0.099, "max": 0.1}
+
+
+# --- the buffered socket ------------------------------------------------------------------------
+
+
+def test_buffered_socket_batches_writes_and_serves_small_reads() -> None:
+    left, right = socket.socketpair()
+    try:
+        right.setblocking(False)
+        buffered = BufferedSocket(right)
+        assert buffered.send(b"ab") == 2
+        assert buffered.send(bytearray(b"cd")) == 2
+        assert buffered.pending_out
+        assert buffered.flush()
+        assert left.recv(10) == b"abcd"
+        left.sendall(b"\x40\x02\x00\x01")
+        assert [buffered.recv(1), buffered.recv(1), buffered.recv(2)] == [b"\x40", b"\x02",
+                                                                          b"\x00\x01"]  # fmt: skip
+        assert not buffered.buffered
+        with pytest.raises(BlockingIOError):
+            buffered.recv(1)
+    finally:
+        left.close()
+        right.close()
+
+
+def test_write_of_the_acked_header_is_one_json_line() -> None:
+    out = io.StringIO()
+    acked_file.write(out, {"route": "r"}, [])
+    assert json.loads(out.getvalue()) == {"format": acked_file.FORMAT, "route": "r"}

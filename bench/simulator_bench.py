@@ -1,0 +1,212 @@
+"""Simulator benchmark: memory per asset, schedule accuracy at the broker, throughput.
+
+Runs `iotbridge simulate` against a Mosquitto of its own (with `sys_interval 1`), and measures
+at the broker: `$SYS/broker/publish/messages/received` once a second, over the middle of the run
+(the ramp and the drain left out). Memory is the sum over the simulator's processes (parent and
+children) of RSS and PSS from /proc, sampled through the run; the bytes per asset are the
+difference between a 100,000-asset run and a 100-asset run, divided by the difference in assets.
+
+    .venv/bin/python -m bench.simulator_bench                 # everything (about 4 minutes)
+    .venv/bin/python -m bench.simulator_bench --only memory   # memory, schedule, qos0, qos1
+
+Prints one JSON object. Not a test: the numbers depend on what else the machine is doing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.services import free_port, port_open, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Broker:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        conf = workdir / "mosquitto.conf"
+        user = "user root\n" if os.geteuid() == 0 else ""
+        conf.write_text(f"{user}listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                        "persistence false\nsys_interval 1\nmax_connections -1\nlog_dest none\n")  # fmt: skip
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], cwd=workdir)
+        wait_until(lambda: port_open(self.port), 10, "mosquitto")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+class BrokerCounter:
+    """`$SYS/broker/publish/messages/received` as (time, count) samples."""
+
+    def __init__(self, port: int) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, f"bench-sys-{port}")
+        self.client.on_connect = lambda c, *_: c.subscribe("$SYS/broker/publish/messages/received")
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.samples.append((time.monotonic(), int(message.payload)))
+
+    def rate(self, start: float, end: float) -> float:
+        with self._lock:
+            inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2:
+            return 0.0
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        return (c1 - c0) / (t1 - t0)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes of a process and its children."""
+    rss = pss = 0
+    for p in [pid, *_children(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                name, _, value = line.partition(":")
+                if name == "Rss":
+                    rss += int(value.split()[0]) * 1024
+                elif name == "Pss":
+                    pss += int(value.split()[0]) * 1024
+        except OSError:
+            continue
+    return rss, pss
+
+
+def simulate(port: int, counter: BrokerCounter, **options: Any) -> dict[str, Any]:
+    """One run; the broker-side rate over its middle, peak memory, and the simulator's report."""
+    args = [sys.executable, "-m", "bridge.cli", "simulate", "--no-progress", "--log-level",
+            "WARNING"]  # fmt: skip
+    for name, value in options.items():
+        if name not in ("assets_per_connection", "connect_rate_per_s"):
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    env = {**os.environ, "IOTBRIDGE_MQTT__URL": f"mqtt://127.0.0.1:{port}",
+           "IOTBRIDGE_SIMULATOR__METRICS_PORT": "0",
+           "IOTBRIDGE_SIMULATOR__ASSETS_PER_CONNECTION": str(options.get("assets_per_connection", 250)),
+           "IOTBRIDGE_SIMULATOR__CONNECT_RATE_PER_S": str(options.get("connect_rate_per_s", 1000)),
+           "IOTBRIDGE_SIMULATOR__CLIENT_ID_PREFIX": f"bench{time.monotonic_ns()}"}  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    peak_rss = peak_pss = 0
+    while proc.poll() is None:
+        rss, pss = _memory(proc.pid)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        time.sleep(0.5)
+    report = json.loads(proc.stdout.read().splitlines()[-1]) if proc.stdout else {}
+    ended = time.monotonic()
+    # The publishing window is the last `duration` seconds before the drain; keep its middle.
+    duration = float(options["duration"])
+    publish_end = ended - 1.5
+    window = (publish_end - duration * 0.8, publish_end - duration * 0.1)
+    broker_rate = counter.rate(*window)
+    target = report.get("target_rate", 0.0)
+    return {
+        "options": options,
+        "wall_s": round(ended - started, 1),
+        "target_rate": target,
+        "broker_rate": round(broker_rate, 1),
+        "broker_vs_target_pct": round(100 * (broker_rate / target - 1), 2) if target else None,
+        "achieved_rate": report.get("achieved_rate_msgs_per_s"),
+        "sent": report.get("sent"),
+        "unsent": report.get("unsent"),
+        "failed": report.get("failed_by_kind"),
+        "publish_ack_latency_s": report.get("publish_ack_latency_s"),
+        "peak_rss_mb": round(peak_rss / 1e6, 1),
+        "peak_pss_mb": round(peak_pss / 1e6, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=["memory", "schedule", "qos0", "qos1"], action="append")
+    parser.add_argument("--processes", type=int, default=2)
+    args = parser.parse_args()
+    todo = set(args.only or ["memory", "schedule", "qos0", "qos1"])
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        broker = Broker(Path(workdir))
+        counter = BrokerCounter(broker.port)
+        try:
+            if todo & {"memory", "schedule"}:
+                # 100,000 assets every 10 s: 10,000 msg/s, QoS 1, over 400 connections; the
+                # bytes per asset from one process against a 100-asset run of one process.
+                small = simulate(broker.port, counter, assets=100, rate=0.1, duration=10, qos=1,
+                                 processes=1)  # fmt: skip
+                runs = [simulate(broker.port, counter, assets=100_000, rate=0.1, duration=40,
+                                 qos=1, processes=p) for p in sorted({1, args.processes})]  # fmt: skip
+                per_asset = (runs[0]["peak_rss_mb"] - small["peak_rss_mb"]) * 1e6 / (100_000 - 100)
+                results["memory_and_schedule"] = {
+                    "runs_100k": runs,
+                    "run_100": small,
+                    "bytes_per_asset_rss": round(per_asset),
+                }
+            if "qos0" in todo:
+                results["qos0"] = [
+                    simulate(
+                        broker.port,
+                        counter,
+                        assets=60_000,
+                        rate=1.0,
+                        duration=20,
+                        qos=0,
+                        processes=p,
+                    )
+                    for p in sorted({1, args.processes})
+                ]
+            if "qos1" in todo:
+                results["qos1"] = [
+                    simulate(
+                        broker.port,
+                        counter,
+                        assets=40_000,
+                        rate=1.0,
+                        duration=20,
+                        qos=1,
+                        processes=p,
+                    )
+                    for p in sorted({1, args.processes})
+                ]
+        finally:
+            counter.close()
+            broker.stop()
+    results["load_average"] = os.getloadavg()
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
