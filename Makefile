@@ -39,7 +39,7 @@ test: $(VENV)/.installed services
 check: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy $(PACKAGES) tests bench
+	$(BIN)/mypy $(PACKAGES) bench
 
 bench: $(VENV)/.installed services
 	$(BIN)/python bench/run.py

@@ -73,17 +73,18 @@ class Service:
                 cwd=self.workdir,
                 env={**os.environ, **self.env},
             )
+        proc = self.proc
         try:
             wait_until(
-                lambda: port_open(self.port) or self.proc.poll() is not None,
+                lambda: port_open(self.port) or proc.poll() is not None,
                 timeout_s,
                 f"{self.name} on port {self.port}",
             )
         except TimeoutError:
             self.kill()
             raise
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {proc.returncode}: {self.tail()}")
         return self
 
     def tail(self, lines: int = 20) -> str:

@@ -61,7 +61,7 @@ async def _everything_arrived(app: BridgeApp, count: int, timeout_s: float) -> N
 
 
 async def _run_through_faults(
-    settings: Settings, mqtt_url: str, redis_url: str, unique: str, count: int, faults: Callable[[], Any],
+    settings: Settings, mqtt_url: str, redis_url: str, unique: str, count: int, faults: Callable[[BridgeApp], Any],
     rate_hz: float = 100, timeout_s: float = 40,
 ) -> BridgeApp:  # fmt: skip
     """Publish `count` messages while `faults()` runs, wait for all, check lost 0 and dup 0."""
