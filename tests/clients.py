@@ -27,12 +27,16 @@ def telemetry(seq: int, ts: float | None = None, **values: float) -> bytes:
 class Publisher:
     """A QoS 1 publisher that counts the broker's PUBACKs."""
 
-    def __init__(self, url: str, client_id: str, protocol: str = "5") -> None:
+    def __init__(
+        self, url: str, client_id: str, protocol: str = "5", auth: tuple[str, str] | None = None
+    ) -> None:
         parts = urlsplit(url)
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
             protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311,
         )  # fmt: skip
+        if auth is not None:
+            self.client.username_pw_set(*auth)
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         self.client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
