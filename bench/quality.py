@@ -91,7 +91,11 @@ def run(scenario: Path, work: Path) -> dict[str, object]:
         sim_report = json.loads(simulator.log.read_text().strip().splitlines()[-1])
         wait_until(lambda: _lag(db, streams) == 0, 300, "the worker to read everything", poll_s=0.5)
         time.sleep(5)  # the staleness timer's last tick over the tail of the run
-        flags = list(flags_from(db.xrange(keys.anomalies)))  # type: ignore[arg-type]  # decoded: str
+        entries = db.xrange(keys.anomalies)
+        (work / "anomalies.jsonl").write_text(
+            "".join(json.dumps([i, f]) + "\n" for i, f in entries)
+        )  # type: ignore[union-attr]
+        flags = list(flags_from(entries))  # type: ignore[arg-type]  # decoded: str
         audit = subprocess.run([*cli, "audit", "--acked", str(acked), "--accept-reason", "json",
                                 "--accept-reason", "schema", "--accept-reason", "size",
                                 "--accept-reason", "clock"],

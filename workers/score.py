@@ -1,15 +1,15 @@
 """Scoring: the anomaly stream against the simulator's ground truth.
 
 For each anomaly kind the simulator injects (spike, drift, stuck, dropout, out_of_range):
-- recall: injected events with at least one flag on the same asset (and value) inside the event's
-  window, stretched by the kind's grace (a drift is flagged once it has drifted far enough, a
-  dropout once the asset has been silent long enough);
-- precision: of the flags raised by the detectors that answer that kind, the share that match an
-  injected event; a flag during a deliberate fault on the same asset (a restart, out-of-order or
-  duplicate messages, a skewed clock) is excused, neither right nor wrong;
+- recall: injected events with at least one flag, from any detector, on the same asset (and value)
+  inside the event's window, stretched by the kind's grace (a drift is flagged once it has drifted
+  far enough, a dropout once the asset has been silent long enough);
+- precision: of the flags that match this kind's events or come from the detectors that answer
+  this kind without matching any event, the share that match; a flag during a deliberate fault on
+  the same asset (a restart, out-of-order or duplicate messages, a skewed clock) is excused;
 - detection latency: first matching flag's write time minus the event's first sample time;
-- publish-to-flag: for every matching flag, its write time (the anomaly entry's id) minus the device
-  time of the sample that raised it.
+- publish-to-flag: for every matching flag raised by a sample, its write time (the anomaly entry's
+  id) minus the device time of that sample (staleness is raised by a timer, not a sample).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def flags_from(entries: Iterable[tuple[str, dict[str, str]]]) -> Iterator[Flag]:
 
 
 def _matches(flag: Flag, truth: Truth) -> bool:
-    if flag.asset != truth.asset or flag.detector not in DETECTORS.get(truth.kind, ()):
+    if flag.asset != truth.asset or truth.kind not in GRACE_S:
         return False
     if flag.detector not in ASSET_WIDE and truth.value is not None and flag.value != truth.value:
         return False
@@ -127,7 +127,9 @@ def score(truths: list[Truth], flags: list[Flag]) -> dict[str, Any]:
                 "p99": _percentile(latency, 0.99),
             },
         }
-    publish_to_flag = [f.written - f.ts for found in matched.values() for f in found]
+    publish_to_flag = [
+        f.written - f.ts for found in matched.values() for f in found if f.detector != "staleness"
+    ]
     report["publish_to_flag_s"] = {
         "p50": _percentile(publish_to_flag, 0.5),
         "p99": _percentile(publish_to_flag, 0.99),

@@ -32,6 +32,7 @@ def test_recall_precision_and_latency_per_kind() -> None:
     assert report["spike"]["flags"] == 2
     assert report["spike"]["false_flags"] == 2  # a9 and the vibration flag
     assert report["spike"]["precision"] == 0.5
+    # A staleness flag's ts is the last sample before the silence: no publish-to-flag latency.
     assert report["dropout"] == {
         "events": 1, "detected": 1, "recall": 1.0, "flags": 1, "false_flags": 0, "precision": 1.0,
         "detection_latency_s": {"p50": 60.1, "p99": 60.1},
