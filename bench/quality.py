@@ -91,11 +91,12 @@ def run(scenario: Path, work: Path) -> dict[str, object]:
         sim_report = json.loads(simulator.log.read_text().strip().splitlines()[-1])
         wait_until(lambda: _lag(db, streams) == 0, 300, "the worker to read everything", poll_s=0.5)
         time.sleep(5)  # the staleness timer's last tick over the tail of the run
-        entries = db.xrange(keys.anomalies)
+        # decode_responses=True: ids and fields are str, which redis-py's stubs cannot say.
+        entries: list[tuple[str, dict[str, str]]] = db.xrange(keys.anomalies)  # type: ignore[assignment]
         (work / "anomalies.jsonl").write_text(
             "".join(json.dumps([i, f]) + "\n" for i, f in entries)
-        )  # type: ignore[union-attr]
-        flags = list(flags_from(entries))  # type: ignore[arg-type]  # decoded: str
+        )
+        flags = list(flags_from(entries))
         audit = subprocess.run([*cli, "audit", "--acked", str(acked), "--accept-reason", "json",
                                 "--accept-reason", "schema", "--accept-reason", "size",
                                 "--accept-reason", "clock"],
