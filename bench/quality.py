@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -133,9 +134,15 @@ def main() -> int:
     parser.add_argument(
         "--scenario", type=Path, default=ROOT / "simulators/scenarios/standard.yaml"
     )
+    parser.add_argument("--keep", action="store_true", help="Keep logs, ground truth and flags.")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="iotbridge-quality-") as tmp:
-        report = run(args.scenario.resolve(), Path(tmp))
+    work = Path(tempfile.mkdtemp(prefix="iotbridge-quality-"))
+    try:
+        report = run(args.scenario.resolve(), work)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"files: {work}" if args.keep else "")
     print(json.dumps(report, indent=2))
     rows = _verdict(report)
     score_ = report["score"]
