@@ -19,7 +19,9 @@ import time
 from collections import Counter, deque
 
 from prometheus_client import CollectorRegistry
-from redis.exceptions import RedisError
+from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.intake import Intake, Pending
 from bridge.retention import Retention
@@ -170,8 +172,8 @@ class BridgeApp:
 
     async def _store(self, batch: list[Pending]) -> bool:
         """Store a batch in Redis or the spool and acknowledge it; False when it must wait."""
+        appends = [p.append for p in batch if p.append is not None]
         if not self.spooling and time.monotonic() >= self._retry_at:
-            appends = [p.append for p in batch if p.append is not None]
             try:
                 written, duration = await self.sink.write(appends)
             except SinkUnavailable as exc:
@@ -184,7 +186,7 @@ class BridgeApp:
                 return True
         if self.spool is not None:
             try:
-                await asyncio.to_thread(self.spool.append, [p.append for p in batch if p.append])
+                await asyncio.to_thread(self.spool.append, appends)
             except SpoolFull:
                 self.metrics.spool_full.inc()
                 if self._retry_at <= time.monotonic():
@@ -373,9 +375,16 @@ async def _wait_any(*events: asyncio.Event) -> None:
             waiter.cancel()
 
 
+# The `kind` label of a failed write, by the class of what redis-py raised; first match wins
+# (BusyLoadingError is a ConnectionError, OutOfMemoryError and ReadOnlyError are ResponseErrors).
+_KINDS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str], ...] = (
+    (BusyLoadingError, "loading"),
+    (OutOfMemoryError, "oom"),
+    (ReadOnlyError, "readonly"),
+    ((RedisTimeoutError, TimeoutError), "timeout"),
+    ((RedisConnectionError, ConnectionError), "connection"),
+)
+
+
 def _kind(exc: SinkUnavailable) -> str:
-    cause = exc.__cause__
-    name = type(cause).__name__ if cause is not None else "unknown"
-    return {"ConnectionError": "connection", "TimeoutError": "timeout",
-            "OutOfMemoryError": "oom", "ReadOnlyError": "readonly",
-            "BusyLoadingError": "loading"}.get(name, "other")  # fmt: skip
+    return next((kind for cls, kind in _KINDS if isinstance(exc.__cause__, cls)), "other")

@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, NoReturn, Protocol
 
 import typer
 from prometheus_client import CollectorRegistry
@@ -52,29 +52,31 @@ class Component(Protocol):
     async def run(self, stop: asyncio.Event) -> None: ...
 
 
-def _settings(config: Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
+def _settings(config: Path | None) -> Settings:
     try:
-        settings = loader.load(config)
-        if overrides:
-            data = settings.model_dump()
-            for section, values in overrides.items():
-                data[section].update({k: v for k, v in values.items() if v is not None})
-            settings = Settings.model_validate(data)
+        return loader.load(config)
     except ConfigError as exc:
-        for problem in exc.problems:
-            typer.echo(f"{exc.source}: {problem}" if exc.source else str(problem), err=True)
-        raise typer.Exit(2) from exc
-    return settings
+        _refuse(exc)
+
+
+def _refuse(exc: ConfigError) -> NoReturn:
+    """Each problem on one line, then exit 2."""
+    for problem in exc.problems:
+        typer.echo(f"{exc.source}: {problem}" if exc.source else str(problem), err=True)
+    raise typer.Exit(2) from exc
 
 
 def _logging(settings: Settings, log_format: str | None, log_level: str | None) -> None:
     setup_logging(log_level or settings.logging.level, log_format or settings.logging.format)
 
 
-def _run(component: Component, host: str, port: int, registry: CollectorRegistry) -> None:
-    name = {"EmbeddedBroker": "broker", "BridgeApp": "bridge", "WorkerApp": "worker",
-            "SimulatorApp": "simulator"}.get(type(component).__name__, "unknown")  # fmt: skip
-    readiness_gauge(registry, name, component.readiness)
+def _run(
+    component: Component, section: str, settings: Settings, registry: CollectorRegistry
+) -> None:
+    """Serve `component` beside /metrics on its section's metrics address (`<section>.metrics_*`)."""
+    own = getattr(settings, section)
+    host, port = own.metrics_host, own.metrics_port
+    readiness_gauge(registry, section, component.readiness)
     try:
         asyncio.run(
             serve(
@@ -121,7 +123,7 @@ def broker(
     _logging(settings, log_format, log_level)
     registry = CollectorRegistry()
     component = EmbeddedBroker(settings, registry)
-    _run(component, settings.broker.metrics_host, settings.broker.metrics_port, registry)
+    _run(component, "broker", settings, registry)
 
 
 @app.command()
@@ -137,7 +139,7 @@ def bridge(
     _logging(settings, log_format, log_level)
     registry = CollectorRegistry()
     component = BridgeApp(settings, registry)
-    _run(component, settings.bridge.metrics_host, settings.bridge.metrics_port, registry)
+    _run(component, "bridge", settings, registry)
 
 
 @app.command()
@@ -153,7 +155,7 @@ def worker(
     _logging(settings, log_format, log_level)
     registry = CollectorRegistry()
     component = WorkerApp(settings, registry)
-    _run(component, settings.worker.metrics_host, settings.worker.metrics_port, registry)
+    _run(component, "worker", settings, registry)
 
 
 @app.command()
@@ -203,10 +205,8 @@ def simulate(
         component = SimulatorApp(settings, registry, scenario=plan, ground_truth=ground_truth,
                                  acked=acked, progress=show)  # fmt: skip
     except ConfigError as exc:
-        for problem in exc.problems:
-            typer.echo(f"{exc.source}: {problem}" if exc.source else str(problem), err=True)
-        raise typer.Exit(2) from exc
-    _run(component, settings.simulator.metrics_host, settings.simulator.metrics_port, registry)
+        _refuse(exc)
+    _run(component, "simulator", settings, registry)
     report = component.report()
     typer.echo(json.dumps(report, sort_keys=True))
     if report.get("failed", 0):

@@ -176,6 +176,9 @@ class MqttSource:
             log.info("mqtt disconnected")
         elif self.connected:
             log.warning("mqtt connection lost", extra={"reason": str(reason)})
+        self._mark_lost()
+
+    def _mark_lost(self) -> None:
         self.connected = False
         self._metrics.connected.labels("mqtt").set(0)
         self._lost.set()
@@ -319,9 +322,7 @@ class MqttSource:
                 log.warning("mqtt link silent for %.1f s, reconnecting", silent_s)
                 # Closed at once: a DISCONNECT would wait behind a dead link's send buffer.
                 self._client._sock_close()
-                self.connected = False
-                self._metrics.connected.labels("mqtt").set(0)
-                self._lost.set()
+                self._mark_lost()
                 break
             try:
                 async with asyncio.timeout(_MISC_INTERVAL_S):
