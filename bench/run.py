@@ -75,6 +75,7 @@ from bench.results import (  # noqa: E402
     versions,
     write_results,
 )
+from config.keys import Keys  # noqa: E402
 
 ROUTE = "telemetry"  # the default route: plant/{site}/{line}/{asset}/telemetry
 POLL_S = 0.005  # XLEN poll while draining: well under 1 % of a drain window
@@ -253,14 +254,14 @@ class Env:
 
 def run_subject(subject: str, plan: Plan, env: Env, round_no: int) -> Result:
     prefix = f"bench-{env.run_id}-r{round_no + 1}-{subject}"
-    stream = f"{prefix}:tel:{ROUTE}"
+    keys = Keys(prefix)
     procs = subject_procs(subject, env.mqtt_url, env.redis_url, prefix, env.workdir, env.code,
                           plan.bridge_env)  # fmt: skip
     result = Result(subject, len(procs), round_no, drain_n=plan.drain_n[subject])
     print(f"\n== round {round_no + 1}/{plan.rounds}, {subject}: {len(procs)} process(es), "
           f"drain N={result.drain_n:,}", flush=True)  # fmt: skip
     try:
-        _measure(subject, plan, env, procs, stream, result)
+        _measure(subject, plan, env, procs, keys, result)
     except (RuntimeError, TimeoutError, OSError, redis.RedisError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         print(f"   FAILED: {result.error}", flush=True)
@@ -277,16 +278,16 @@ def run_subject(subject: str, plan: Plan, env: Env, round_no: int) -> Result:
         result.exit_codes = result.exit_codes or codes
         for proc in procs:
             clear_session("127.0.0.1", env.mqtt_port, f"{prefix}-{proc.name.split('-')[-1]}")
-        keys = list(env.r.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            env.r.delete(*keys)
+        leftovers = list(env.r.scan_iter(match=f"{prefix}:*", count=1000))
+        if leftovers:
+            env.r.delete(*leftovers)
     return result
 
 
 def _measure(
-    subject: str, plan: Plan, env: Env, procs: list[Proc], stream: str, result: Result
+    subject: str, plan: Plan, env: Env, procs: list[Proc], keys: Keys, result: Result
 ) -> None:
-    tag = stream.split(":", maxsplit=1)[0]
+    tag, stream = keys.prefix, keys.telemetry(ROUTE)
     expected = _session_and_backlog(plan, env, procs, tag, result)
     live_seq = max(seq for _, seq in expected) + 1  # above every backlog seq of every asset
     try:
@@ -300,7 +301,7 @@ def _measure(
     except Stalled as exc:
         result.error = str(exc)
         print(f"   FAILED: {exc}", flush=True)
-    _check(env, procs, stream, expected, live_seq, result)
+    _check(env, procs, keys, expected, live_seq, result)
 
 
 def _session_and_backlog(
@@ -350,19 +351,19 @@ def _live(
 
 
 def _check(
-    env: Env, procs: list[Proc], stream: str, expected: set[tuple[str, int]], live_seq: int,
+    env: Env, procs: list[Proc], keys: Keys, expected: set[tuple[str, int]], live_seq: int,
     result: Result,
 ) -> None:  # fmt: skip
     """Stop the subject, then: exactly what was published is in the stream, once each."""
     result.counters = [counters(p) for p in procs if p.metrics_port is not None and p.alive()]
     result.exit_codes = stop_all(procs)
-    pairs, latencies = read_stream(env.r, stream, live_seq)
+    pairs, latencies = read_stream(env.r, keys.telemetry(ROUTE), live_seq)
     result.published = len(expected)
     result.stored = sum(pairs.values())
     result.lost = len(expected - pairs.keys())
     result.unexpected = len(pairs.keys() - expected)
     result.duplicated = sum(count - 1 for count in pairs.values() if count > 1)
-    result.dead_letters = int(env.r.xlen(f"{stream.split(':', maxsplit=1)[0]}:dlq"))
+    result.dead_letters = int(env.r.xlen(keys.dead_letters))
     result.p50_ms = percentile(latencies, 0.50)
     result.p99_ms = percentile(latencies, 0.99)
     result.max_ms = latencies[-1] if latencies else math.nan

@@ -49,18 +49,13 @@ from workers.sample import Sample
 from workers.state import Engine, Shard, ShardState
 
 ROUTE = "telemetry"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 T0 = 1_700_000_000.0
 ANOMALY_RATE = 0.001
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: tests/ imports as a package
 # The integration tests' server helpers, imported by name so that `mypy bench` checks bench only.
 services = importlib.import_module("tests.services")
-
-
-def redis_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+cpu_seconds = importlib.import_module("bench.procs").cpu_seconds
 
 
 class Readings:
@@ -146,11 +141,11 @@ async def worker(url: str, prefix: str, group: str, batch: int, total: int, full
 async def measure(
     name: str, redis_pid: int, run: Callable[[], Awaitable[None]], total: int
 ) -> dict[str, float]:
-    cpu, redis_cpu, wall = time.process_time(), redis_cpu_seconds(redis_pid), time.perf_counter()
+    cpu, redis_cpu, wall = time.process_time(), cpu_seconds(redis_pid), time.perf_counter()
     await run()
     wall = time.perf_counter() - wall
     cpu = time.process_time() - cpu
-    redis_cpu = redis_cpu_seconds(redis_pid) - redis_cpu
+    redis_cpu = cpu_seconds(redis_pid) - redis_cpu
     row = {"entries/s": total / wall, "cpu us/entry": cpu * 1e6 / total,
            "redis cpu us/entry": redis_cpu * 1e6 / total, "seconds": wall}  # fmt: skip
     print(f"{name:<9} {row['entries/s']:10,.0f} entries/s  {row['cpu us/entry']:6.1f} CPU us/entry  "

@@ -25,11 +25,7 @@ class Keys:
         """Telemetry stream of a route (and shard): `iotbridge:tel:<route>`, or with several
         shards `iotbridge:tel:<route>:{<shard>}`. The hash tag puts a shard's streams and dedup
         state in one Redis Cluster slot, so one script can write them together."""
-        return (
-            f"{self.prefix}:tel:{route}"
-            if self.shards == 1
-            else f"{self.prefix}:tel:{route}:{{{shard}}}"
-        )
+        return self._sharded(f"{self.prefix}:tel:{route}", shard)
 
     def telemetry_streams(self, route: str) -> list[str]:
         """Every shard stream of a route, in shard order."""
@@ -37,11 +33,7 @@ class Keys:
 
     def dedup(self, route: str, shard: int = 0) -> str:
         """Per-asset dedup state of a route's shard (a hash, one field per asset)."""
-        return (
-            f"{self.prefix}:dedup:{route}"
-            if self.shards == 1
-            else f"{self.prefix}:dedup:{route}:{{{shard}}}"
-        )
+        return self._sharded(f"{self.prefix}:dedup:{route}", shard)
 
     def _sharded(self, base: str, shard: int) -> str:
         return base if self.shards == 1 else f"{base}:{{{shard}}}"

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from simulators.acklog import FORMAT, AckLog, write_records
-from simulators.audit import Entry, SeqSet
+from simulators.audit import Entry, SeqSet, entry_field
 
 __all__ = ["FORMAT", "AckLog", "Acked", "epoch_key", "load", "write", "write_header"]
 
@@ -64,7 +64,7 @@ class Acked:
         """Stream entries as the audit should see them: named by epoch, bad messages left out
         (counted in `skipped[0]`)."""
         for entry_id, fields in entries:
-            asset, seq, ts = (_field(fields, name) for name in ("asset", "seq", "ts"))
+            asset, seq, ts = (entry_field(fields, name) for name in ("asset", "seq", "ts"))
             if asset is None or seq is None or not seq.isdigit():
                 yield entry_id, fields
                 continue
@@ -77,13 +77,6 @@ class Acked:
                 skipped[0] += 1
                 continue
             yield entry_id, {"asset": name, "seq": str(number)}
-
-
-def _field(fields: Mapping[bytes | str, bytes | str], name: str) -> str | None:
-    value = fields.get(name, fields.get(name.encode()))
-    if value is None or isinstance(value, str):
-        return value
-    return value.decode("utf-8", "replace")
 
 
 def load(path: str | Path) -> Acked:

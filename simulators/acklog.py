@@ -78,16 +78,6 @@ class AckLog:
             yield record
 
 
-def write(out: TextIO, header: Mapping[str, Any], records: Iterable[Mapping[str, Any]]) -> int:
-    """Write the file; returns the number of asset lines."""
-    out.write(json.dumps({"format": FORMAT, **header}, sort_keys=True) + "\n")
-    lines = 0
-    for record in records:
-        out.write(json.dumps(record, separators=(",", ":")) + "\n")
-        lines += 1
-    return lines
-
-
 def write_records(out: TextIO, records: Iterable[Mapping[str, Any]]) -> int:
     lines = 0
     for record in records:

@@ -189,7 +189,8 @@ def _text(value: bytes | str | None) -> str | None:
     return value.decode("utf-8", "replace")
 
 
-def _field(fields: Mapping[bytes | str, bytes | str], name: str) -> str | None:
+def entry_field(fields: Mapping[bytes | str, bytes | str], name: str) -> str | None:
+    """A field of an entry read with or without decode_responses, as text."""
     value = fields.get(name)
     if value is None:
         value = fields.get(name.encode())
@@ -198,7 +199,7 @@ def _field(fields: Mapping[bytes | str, bytes | str], name: str) -> str | None:
 
 def entry_identity(fields: Mapping[bytes | str, bytes | str]) -> Pair | None:
     """`(asset, seq)` of a telemetry entry, or None when the entry does not carry them."""
-    asset, seq = _field(fields, "asset"), _field(fields, "seq")
+    asset, seq = entry_field(fields, "asset"), entry_field(fields, "seq")
     if not asset or seq is None or not seq.isdigit():
         return None
     return asset, int(seq)
@@ -210,7 +211,7 @@ def dead_letter_identity(
     """`(asset, seq)` of a dead letter: the asset from the topic's level `asset_level`, `seq` from
     the kept payload. None when either cannot be read (the payload was not JSON, was cut at
     `bridge.dlq_payload_bytes`, or had no integer `seq`)."""
-    topic, payload = _field(fields, "topic"), _field(fields, "payload")
+    topic, payload = entry_field(fields, "topic"), entry_field(fields, "payload")
     if topic is None or payload is None:
         return None
     levels = topic.split("/")
@@ -260,7 +261,7 @@ def audit(
     letters, accepted = 0, SeqSet()
     for _entry_id, fields in dead_letters:
         letters += 1
-        if asset_level is None or _field(fields, "reason") not in accept_reasons:
+        if asset_level is None or entry_field(fields, "reason") not in accept_reasons:
             continue
         pair = dead_letter_identity(fields, asset_level)
         if pair is not None and pair in acked and pair not in found:

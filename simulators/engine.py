@@ -403,7 +403,7 @@ class Engine:
         conns = self.conns
         if conns:
             share = max(1, int(len(conns) * HOUSEKEEPING_S / MISC_PERIOD_S))
-            start = getattr(self, "_misc_at", 0) % len(conns)
+            start = self._misc_at % len(conns)
             for conn in conns[start : start + share]:
                 if conn.up:
                     conn.misc()
@@ -417,7 +417,7 @@ class Engine:
         self._progress_maybe(now)
 
     def _progress_maybe(self, now: float) -> None:
-        if now - getattr(self, "_progress_at", 0.0) >= PROGRESS_S:
+        if now - self._progress_at >= PROGRESS_S:
             self._progress_at = now
             self._emit(self._progress())
 
@@ -454,7 +454,6 @@ class Engine:
         self._selector.close()
 
     def _final(self) -> dict[str, Any]:
-        self.stats.anomalies = dict(self.injector.counts)
         return {
             **self._progress(),
             "type": "final",
