@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 
 VALUE_PREFIX = "v."
+_PREFIX_LEN = len(VALUE_PREFIX)
 TEXT_PREFIX = "s."
 
 
@@ -37,9 +38,11 @@ def text_field(name: str) -> str:
 
 
 def decode_values(fields: Mapping[str, str]) -> dict[str, float]:
-    """The `v.<name>` fields of an entry as floats (the bridge only stores finite numbers)."""
+    """The `v.<name>` fields of an entry as floats (the bridge only stores finite numbers).
+    ValueError when one does not parse. The worker calls this once per entry: a slice compare is
+    measurably cheaper than str.startswith (a method call per field)."""
     return {
-        key[len(VALUE_PREFIX) :]: float(value)
+        key[_PREFIX_LEN:]: float(value)
         for key, value in fields.items()
-        if key.startswith(VALUE_PREFIX)
+        if key[:_PREFIX_LEN] == VALUE_PREFIX
     }

@@ -44,11 +44,16 @@ class Backoff:
 
     async def wait(self, stop: asyncio.Event) -> bool:
         """Sleep the next delay, or less if `stop` is set; True when stopping."""
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=self.next_delay())
-        except TimeoutError:
-            return False
-        return True
+        return await stopped_within(stop, self.next_delay())
+
+
+async def stopped_within(stop: asyncio.Event, delay_s: float) -> bool:
+    """Sleep `delay_s`, or less if `stop` is set; True when stopping."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=max(0.0, delay_s))
+    except TimeoutError:
+        return False
+    return True
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

@@ -38,7 +38,7 @@ from redis.asyncio import Redis
 from config.errors import DependencyUnavailable
 from config.keys import Keys
 from config.settings import Settings, WorkerSettings
-from observability.lifecycle import Backoff
+from observability.lifecycle import Backoff, stopped_within
 from observability.metrics import WorkerMetrics
 from workers.anomaly import AnomalyEvent
 from workers.leases import Leases
@@ -47,6 +47,7 @@ from workers.processing import Delivery, process, sweep
 from workers.reporting import Reporter
 from workers.state import Engine, Shard, ShardState, shards_of
 from workers.streams import (
+    SCAN_START,
     Entry,
     autoclaim,
     create_groups,
@@ -58,7 +59,6 @@ from workers.streams import (
 log = logging.getLogger(__name__)
 
 TARGET = "redis"
-SCAN_START = "0-0"
 # A BLOCK must end before socket_timeout does, or every idle read would look like a stalled server.
 _BLOCK_MARGIN_MS = 250
 # Errors of failed entries kept for their dead letter; beyond this the oldest are forgotten.
@@ -68,15 +68,6 @@ _MAX_REMEMBERED_ERRORS = 10_000
 def consumer_name(worker: WorkerSettings) -> str:
     """The configured name, else host-pid: unique per process, so pending entries have one owner."""
     return worker.consumer or f"{socket.gethostname()}-{os.getpid()}"
-
-
-async def _stopped_within(stop: asyncio.Event, delay: float) -> bool:
-    """Sleep `delay`, or less if `stop` is set; True when stopping."""
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=max(0.0, delay))
-    except TimeoutError:
-        return False
-    return True
 
 
 class Consumer:
@@ -115,14 +106,11 @@ class Consumer:
         self._due: dict[str, float] = {}
         self._down_since: float | None = None
         self.connected = False
-        self.group_ready = False
         metrics.connected.labels(target=TARGET).set(0)
 
     def readiness(self) -> tuple[bool, str]:
         if not self.connected:
             return False, "redis unavailable"
-        if not self.group_ready:
-            return False, f"consumer group {self._group} not created"
         return True, "ready"
 
     async def run(self, client: Redis, stop: asyncio.Event) -> None:
@@ -136,20 +124,19 @@ class Consumer:
                 except DependencyUnavailable as exc:
                     delay = backoff.next_delay()
                     self._mark_down(exc, delay)
-                    if await _stopped_within(stop, delay):
+                    if await stopped_within(stop, delay):
                         break
                     self._metrics.reconnects.labels(target=TARGET).inc()
             await self._leave(client)
         finally:
             # Stopped or cancelled, this consumer no longer does its job: /readyz must say so.
-            self.connected = self.group_ready = False
+            self.connected = False
             self._metrics.connected.labels(target=TARGET).set(0)
 
     async def _session(self, client: Redis, stop: asyncio.Event, backoff: Backoff) -> None:
         """One connected stretch: (re)create the groups, replay pending entries, read new ones."""
         with translated():
             await create_groups(client, [shard.stream for shard in self._shards], self._group)
-        self.group_ready = True
         self._mark_up()
         backoff.reset()
         # A write that failed may or may not have landed: the checkpoints are the truth (they are
@@ -164,7 +151,7 @@ class Consumer:
                     await self._housekeeping(client)
                 streams = self._readable()
                 if ahead is None and not streams:
-                    await _stopped_within(stop, self._due["beat"] - time.monotonic())
+                    await stopped_within(stop, self._due["beat"] - time.monotonic())
                     continue
                 with translated():
                     if ahead is None:
@@ -393,7 +380,6 @@ class Consumer:
 
     def _mark_down(self, exc: DependencyUnavailable, delay: float) -> None:
         self.connected = False
-        self.group_ready = False
         self._metrics.connected.labels(target=TARGET).set(0)
         if self._down_since is None:
             self._down_since = time.monotonic()

@@ -173,10 +173,6 @@ class ShardState:
         self._before[asset] = None
         return state
 
-    @property
-    def touched(self) -> int:
-        return len(self._before)
-
     def checkpoint_fields(self, last_id: str, watermark_ms: int) -> dict[str, str]:
         """The checkpoint of the current batch: the rows it touched, and where it got to."""
         assets = self.assets
