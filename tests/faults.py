@@ -16,8 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client.parser import text_string_to_metric_families
 
 from simulators.audit import Pair, SeqSet, read_stream
-from tests.services import Service, free_port, mosquitto_binary, redis_service, wait_until
+from tests.services import Service, free_port, http_get, mosquitto_binary, redis_service, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC = "plant/s1/l1/{asset}/telemetry"  # the shipped default route, on a broker of the test's own
@@ -187,22 +185,12 @@ class Bridge:
             f"the bridge exited with {self.proc and self.proc.returncode}:\n{self.tail()}"
         )
 
-    def _get(self, path: str) -> tuple[int, str]:
-        url = f"http://127.0.0.1:{self.port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return int(response.status), response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
     def ready(self) -> bool:
-        with contextlib.suppress(OSError):
-            return self._get("/readyz")[0] == 200
-        return False
+        return http_get(self.port, "/readyz")[0] == 200
 
     def metrics(self) -> dict[str, float]:
         """Every sample as `name{label="value",...}` (labels sorted) -> value."""
-        status, text = self._get("/metrics")
+        status, text = http_get(self.port, "/metrics")
         assert status == 200
         out: dict[str, float] = {}
         for family in text_string_to_metric_families(text):

@@ -17,7 +17,8 @@ import redis
 from config.keys import Keys
 from config.settings import Settings
 from tests.clients import Publisher, running_bridge, sample, telemetry, wait_for
-from tests.services import free_port, redis_service, wait_until
+from tests.faults import redis as own_redis
+from tests.services import free_port, http_get, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -110,8 +111,7 @@ async def test_every_message_is_counted_once_and_lands_in_one_stream(
 async def test_no_ack_while_redis_is_down_then_everything_is_written(
     make_settings: Callable[..., Settings], mqtt_url: str, unique: str, tmp_path: Path
 ) -> None:
-    service = redis_service(tmp_path / "redis")
-    assert service is not None
+    service = own_redis(tmp_path / "redis")
     service.start()
     settings = make_settings(redis={"url": f"redis://127.0.0.1:{service.port}/0", "key_prefix": unique,
                                     "socket_timeout_s": 0.5, "connect_timeout_s": 0.5})  # fmt: skip
@@ -168,20 +168,12 @@ def test_bridge_command_stops_cleanly_on_signal(
            "IOTBRIDGE_MQTT__CLIENT_ID": f"{unique}-cli", "IOTBRIDGE_REDIS__URL": settings.redis.url,
            "IOTBRIDGE_REDIS__KEY_PREFIX": unique, "IOTBRIDGE_BRIDGE__METRICS_PORT": str(port)}  # fmt: skip
     import os
-    import urllib.request
 
     proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "bridge"], env={**os.environ, **env},
                             stderr=subprocess.PIPE)  # fmt: skip
 
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
     try:
-        wait_until(ready, 15, "the bridge's /readyz")
+        wait_until(lambda: http_get(port, "/readyz", 1)[0] == 200, 15, "the bridge's /readyz")
         proc.send_signal(signum)
         assert proc.wait(timeout=settings.bridge.shutdown_grace_s) == 0
     finally:

@@ -18,7 +18,7 @@ from config.keys import Keys, shard_of
 from config.settings import RedisSettings, RetentionSettings, Settings
 from observability.metrics import BridgeMetrics
 from tests.clients import Publisher, running_bridge, sample, telemetry, wait_for
-from tests.services import redis_service
+from tests.faults import redis as own_redis
 
 pytestmark = pytest.mark.integration
 
@@ -215,8 +215,7 @@ async def test_retained_messages_are_never_stored_as_fresh_telemetry(
 async def test_while_redis_is_away_the_spool_takes_and_acks_then_drains_in_order(
     make_settings: Callable[..., Settings], mqtt_url: str, unique: str, tmp_path: Path
 ) -> None:
-    service = redis_service(tmp_path / "redis")
-    assert service is not None
+    service = own_redis(tmp_path / "redis")
     service.start()
     settings = make_settings(
         redis={"url": f"redis://127.0.0.1:{service.port}/0", "key_prefix": unique,

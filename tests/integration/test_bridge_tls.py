@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from bridge.app import BridgeApp
 from config.settings import Settings
-from tests.clients import running_bridge, wait_for
+from tests.clients import running_bridge, sample, wait_for
 from tests.services import Service, mosquitto_service
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,7 @@ async def _refused(settings: Settings) -> tuple[bool, str]:
     stop = asyncio.Event()
     task = asyncio.create_task(app.run(stop))
     try:
-        await wait_for(lambda: (app.registry.get_sample_value("iotbridge_bridge_reconnects_total", {"target": "mqtt"}) or 0) >= 2,
+        await wait_for(lambda: sample(app, "iotbridge_bridge_reconnects_total", target="mqtt") >= 2,
                        15, "repeated refused connection attempts")  # fmt: skip
         return app.readiness()
     finally:

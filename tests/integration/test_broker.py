@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from broker.embedded import EmbeddedBroker
 from config.settings import Settings
-from tests.services import Service, free_port, mosquitto_binary, port_open, wait_until
+from tests.services import Service, free_port, http_get, mosquitto_binary, port_open, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -100,12 +99,6 @@ def payloads(count: int) -> list[bytes]:
     return [f"message-{index:04d}".encode() for index in range(count)]
 
 
-def http_get(port: int, path: str) -> tuple[int, str]:
-    url = f"http://127.0.0.1:{port}{path}"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return response.status, response.read().decode()
-
-
 # --- iotbridge broker (embedded amqtt) -------------------------------------------------------
 
 
@@ -140,8 +133,8 @@ def test_embedded_broker_delivers_qos1_and_stops_cleanly(
     wait_until(lambda: len(subscriber.messages) >= 100, 10, "100 messages at the subscriber")
     assert sorted(subscriber.received()) == sent
     assert {message.qos for message in subscriber.messages} == {1}
-    assert http_get(metrics_port, "/readyz") == (200, "ready\n")
-    status, metrics = http_get(metrics_port, "/metrics")
+    assert http_get(metrics_port, "/readyz", 5) == (200, "ready\n")
+    status, metrics = http_get(metrics_port, "/metrics", 5)
     assert status == 200
     assert "iotbridge_broker_listening 1.0" in metrics
     assert "iotbridge_broker_clients_connected 2.0" in metrics
@@ -174,7 +167,7 @@ def test_embedded_broker_keeps_persistent_session(
     publisher.close()
     # amqtt acknowledges a publish before it queues the message for subscribers, so wait.
     wait_until(
-        lambda: "iotbridge_broker_queued_messages 30.0" in http_get(metrics_port, "/metrics")[1],
+        lambda: "iotbridge_broker_queued_messages 30.0" in http_get(metrics_port, "/metrics", 5)[1],
         10,
         "30 messages queued for the offline session",
     )

@@ -9,14 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Callable
 
 import pytest
 
 from config.settings import Settings
 from tests.conftest import REQUIRE_SERVICES
-from tests.services import free_port, wait_until
+from tests.services import free_port, http_get, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -26,16 +25,6 @@ COMMANDS = {
     "simulate": ["simulate", "--assets", "20", "--rate", "1", "--duration", "600"],
     "broker": ["broker"],
 }
-
-
-def _get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
-    except OSError:
-        return 0, ""
 
 
 def _promtool() -> str | None:
@@ -68,13 +57,13 @@ def test_command_serves_health_and_metrics_logs_json_and_stops_cleanly(
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_until(
-            lambda: _get(port, "/readyz")[0] == 200 or proc.poll() is not None,
+            lambda: http_get(port, "/readyz")[0] == 200 or proc.poll() is not None,
             20,
             f"{command} ready",
         )
         assert proc.poll() is None, proc.communicate()[1].decode()
-        assert _get(port, "/healthz")[0] == 200
-        status, metrics = _get(port, "/metrics")
+        assert http_get(port, "/healthz")[0] == 200
+        status, metrics = http_get(port, "/metrics")
         assert status == 200
         assert "iotbridge_build_info{" in metrics
         component = {"simulate": "simulator"}.get(command, command)
@@ -83,7 +72,7 @@ def test_command_serves_health_and_metrics_logs_json_and_stops_cleanly(
             check = subprocess.run([promtool, "check", "metrics"], input=metrics, capture_output=True,
                                    text=True, timeout=30, check=False)  # fmt: skip
             assert check.returncode == 0, check.stdout + check.stderr
-        assert _get(port, "/nope")[0] == 404
+        assert http_get(port, "/nope")[0] == 404
         proc.send_signal(signum)
         assert proc.wait(timeout=15) == 0
     finally:

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from observability.render import (
     variables_of,
 )
 from tests.conftest import REQUIRE_SERVICES
-from tests.services import Service, free_port, mosquitto_binary, redis_service, wait_until
+from tests.services import Service, free_port, http_get, mosquitto_binary, redis_service, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -130,14 +129,6 @@ def prometheus_config(workdir: Path, ports: dict[str, list[int]], own_port: int)
     return path
 
 
-def _ready(port: int, path: str = "/readyz") -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
 @dataclass
 class Pipeline:
     prometheus: Prometheus
@@ -193,7 +184,11 @@ def _component(name: str, command: list[str], workdir: Path, env: dict[str, str]
 def _wait_ready(service: Service) -> None:
     proc = service.proc
     assert proc is not None
-    wait_until(lambda: _ready(service.port) or proc.poll() is not None, 20, f"{service.name} ready")
+    wait_until(
+        lambda: http_get(service.port, "/readyz", 1)[0] == 200 or proc.poll() is not None,
+        20,
+        f"{service.name} ready",
+    )
     assert proc.poll() is None, service.tail()
 
 
@@ -268,7 +263,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
         argv = [prometheus_binary, f"--config.file={prometheus_config(workdir, ports, port)}",
                 f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"]  # fmt: skip
         services.append(Service("prometheus", argv, port, workdir).start())
-        wait_until(lambda: _ready(port, "/-/ready"), 20, "prometheus ready")
+        wait_until(lambda: http_get(port, "/-/ready", 1)[0] == 200, 20, "prometheus ready")
         prometheus = Prometheus(f"http://127.0.0.1:{port}")
         yield Pipeline(prometheus, prefix, redis_server.port, ports["bridge"], services)
     finally:

@@ -11,7 +11,8 @@ import redis
 from config.keys import Keys
 from config.settings import Settings
 from tests.clients import Publisher, running_bridge, sample, telemetry, wait_for
-from tests.services import Service, redis_service
+from tests.faults import redis as redis_of_its_own
+from tests.services import Service
 
 pytestmark = pytest.mark.integration
 
@@ -20,8 +21,7 @@ M = "iotbridge_bridge_messages_"
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[Service]:
-    service = redis_service(tmp_path / "redis", None, "--maxmemory-policy", "noeviction")
-    assert service is not None
+    service = redis_of_its_own(tmp_path / "redis", "--maxmemory-policy", "noeviction")
     service.start()
     yield service
     service.stop()

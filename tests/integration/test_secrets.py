@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import redis
 
 from config.settings import Settings
-from tests.services import free_port, wait_until
+from tests.services import free_port, http_get, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -39,14 +38,14 @@ def test_secrets_never_leave_the_process(
     proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "bridge"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        wait_until(lambda: _get(port, "/healthz") is not None, 20, "the bridge's HTTP server")
+        wait_until(lambda: http_get(port, "/healthz")[0] != 0, 20, "the bridge's HTTP server")
         wait_until(
-            lambda: _get(port, "/readyz") == "ready\n" or proc.poll() is not None,
+            lambda: http_get(port, "/readyz")[1] == "ready\n" or proc.poll() is not None,
             20,
             "the bridge ready",
         )
-        metrics = _get(port, "/metrics") or ""
-        readyz = _get(port, "/readyz") or ""
+        metrics = http_get(port, "/metrics")[1]
+        readyz = http_get(port, "/readyz")[1]
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace")
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
@@ -64,16 +63,6 @@ def test_secrets_never_leave_the_process(
         assert REDIS_SECRET not in text, f"Redis password in {where}"
     assert check.returncode == 0
     assert "mqtt connected" in output
-
-
-def _get(port: int, path: str) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-            return str(response.read().decode())
-    except urllib.error.HTTPError as exc:
-        return str(exc.read().decode())
-    except OSError:
-        return None
 
 
 _seen: dict[int, str] = {}

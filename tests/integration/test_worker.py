@@ -13,8 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
@@ -27,7 +25,8 @@ from redis.typing import EncodableT, FieldT
 from bridge.record import value_field
 from config.keys import Keys
 from config.settings import Settings
-from tests.services import free_port, redis_service, wait_until
+from tests.faults import redis as own_redis
+from tests.services import free_port, http_get, wait_until
 from workers.app import WorkerApp
 
 pytestmark = pytest.mark.integration
@@ -230,9 +229,7 @@ async def test_survives_a_redis_outage_with_one_warning_and_resumes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     caplog.set_level(logging.INFO, logger="workers")
-    service = redis_service(tmp_path / "redis")
-    if service is None:
-        pytest.skip("redis-server is not installed")
+    service = own_redis(tmp_path / "redis")
     service.start()
     url = f"redis://127.0.0.1:{service.port}/0"
     settings = make_settings(redis={"url": url, "key_prefix": unique}, worker=THRESHOLDS_ONLY)
@@ -271,16 +268,6 @@ async def test_survives_a_redis_outage_with_one_warning_and_resumes(
                                       "severity": "critical"}) == 1  # fmt: skip
 
 
-def _http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 (a loopback URL we built)
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except OSError:
-        return 0
-
-
 def test_the_worker_command_gets_ready_and_exits_zero_on_sigterm(
     redis_url: str, unique: str, tmp_path: Path
 ) -> None:
@@ -299,7 +286,7 @@ def test_the_worker_command_gets_ready_and_exits_zero_on_sigterm(
         )  # fmt: skip
     try:
         wait_until(
-            lambda: _http_status(f"http://127.0.0.1:{port}/readyz") == 200 or proc.poll() is not None,
+            lambda: http_get(port, "/readyz", 1)[0] == 200 or proc.poll() is not None,
             20, "/readyz to answer 200",
         )  # fmt: skip
         assert proc.poll() is None, log_path.read_text()

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from config.keys import Keys
 from config.settings import Settings, ThresholdRule
+from tests.faults import redis as own_redis
 from tests.integration.test_worker import (
     GROUP,
     ROUTE,
@@ -24,7 +25,6 @@ from tests.integration.test_worker import (
     running,
     telemetry,
 )
-from tests.services import redis_service
 from workers.anomaly import AnomalyEvent
 from workers.app import WorkerApp
 from workers.detectors import Check
@@ -56,9 +56,7 @@ class Failing(Check):
 async def test_a_poison_entry_is_dead_lettered_after_max_deliveries_across_a_redis_restart(
     make_settings: Callable[..., Settings], unique: str, tmp_path: Path
 ) -> None:
-    service = redis_service(tmp_path / "redis", None, "--appendonly", "yes")
-    if service is None:
-        pytest.skip("redis-server is not installed")
+    service = own_redis(tmp_path / "redis", "--appendonly", "yes")
     service.start()
     url = f"redis://127.0.0.1:{service.port}/0"
     worker = {"max_deliveries": 3, "claim_idle_ms": 400, "lease_ttl_ms": 1500}
