@@ -272,12 +272,14 @@ class BridgeApp:
     # --- lifecycle ------------------------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, str]:
+        # Redis first: the bridge connects it before MQTT, so while Redis refuses (a bad TLS
+        # certificate, a wrong password) "mqtt not connected" would point at the wrong server.
+        if not self.redis_ok:
+            return False, "redis unavailable"
         if not self.source.connected:
             return False, "mqtt not connected"
         if not self.source.subscribed:
             return False, "mqtt subscription not confirmed"
-        if not self.redis_ok:
-            return False, "redis unavailable"
         age = self.oldest_unacked_age_s()
         if age > self.settings.bridge.max_unacked_age_s:
             return False, f"oldest unacknowledged message is {age:.1f} s old"
@@ -297,6 +299,7 @@ class BridgeApp:
                     log.warning(
                         "redis unavailable, retrying with backoff", extra={"error": str(exc)}
                     )
+                self.metrics.reconnects.labels("redis").inc()
                 if await backoff.wait(stop):
                     return False
                 continue

@@ -85,6 +85,7 @@ def _run(
                 registry=registry,
                 readiness=component.readiness,
                 body=component.run,
+                http=settings.http,
             )
         )
     except (IotBridgeError, OSError) as exc:
@@ -264,10 +265,9 @@ def audit(
     route = next((r for r in settings.bridge.routes if r.name == name), settings.bridge.routes[0])
     keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
     r = settings.redis
-    client = redis.Redis.from_url(
-        r.url, username=r.username, socket_timeout=30, decode_responses=True,
-        password=r.password.get_secret_value() if r.password is not None else None,
-    )  # fmt: skip
+    # A whole stream is read page by page: a longer command timeout than the bridge's.
+    options = {**r.client_options(), "socket_timeout": 30}
+    client = redis.Redis.from_url(r.url, decode_responses=True, **options)
     streams = keys.telemetry_streams(route.name)
     skipped = [0]
     try:

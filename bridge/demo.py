@@ -9,6 +9,7 @@ worker and the simulator. Prints one summary line per second; Ctrl-C stops them 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -26,7 +27,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from config.keys import Keys
-from config.settings import Settings
+from config.settings import HttpSettings, Settings, TlsSettings
 
 _START_TIMEOUT_S = 20.0
 
@@ -74,6 +75,15 @@ def _ready(port: int) -> bool:
         return False
 
 
+# Settings the demo replaces for its children (see Demo.__init__). The shell's values of them are
+# dropped too: an exported IOTBRIDGE_HTTP__PASSWORD would otherwise arrive without its user name.
+_REPLACED = ("IOTBRIDGE_HTTP", "IOTBRIDGE_REDIS__TLS")
+
+
+def _inherited() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(_REPLACED)}
+
+
 @dataclass
 class Child:
     name: str
@@ -88,7 +98,7 @@ class Child:
             # Own session: Ctrl-C reaches only the demo, which stops the children in order.
             self.proc = subprocess.Popen(  # noqa: S603 -- argv is our own interpreter and binaries
                 self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                env={**os.environ, **self.env},
+                env={**_inherited(), **self.env},
             )  # fmt: skip
 
     def wait_listening(self) -> None:
@@ -145,6 +155,10 @@ class Demo:
             "IOTBRIDGE_REDIS__URL": f"redis://127.0.0.1:{self.redis_port}/0",
             "IOTBRIDGE_BROKER__PORT": str(self.mqtt_port),
             **{f"IOTBRIDGE_{n.upper()}__METRICS_PORT": str(p) for n, p in self.ports.items()},
+            # The demo's own Redis and HTTP ports are plain loopback, as the URLs it prints say,
+            # whatever TLS and credentials the settings file gives a plant's servers.
+            "IOTBRIDGE_REDIS__TLS": json.dumps(TlsSettings().model_dump()),
+            "IOTBRIDGE_HTTP": json.dumps(HttpSettings().model_dump(mode="json")),
         }
         cli = [sys.executable, "-m", "bridge.cli"]
         cfg = ["--config", str(config)] if config else []

@@ -156,10 +156,7 @@ def redis_client(
     """
     return aioredis.Redis.from_url(
         settings.url,
-        username=settings.username,
-        password=settings.password.get_secret_value() if settings.password else None,
-        socket_timeout=settings.socket_timeout_s,
-        socket_connect_timeout=settings.connect_timeout_s,
+        **settings.client_options(),
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
         health_check_interval=0,

@@ -6,7 +6,7 @@ Environment variables `IOTBRIDGE_<SECTION>__<KEY>` override the file (see `confi
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -40,10 +40,11 @@ from config.sections import NAME_PATTERN, Name, Section
 __all__ = [
     "NAME_PATTERN", "AssetClassName", "BackoffSettings", "BatchSettings", "BridgeSettings",
     "BrokerSettings", "ClockSettings", "ContractField", "ContractSettings", "DetectorRule",
-    "DetectorSettings", "DeviationRule", "FlatlineRule", "LoggingSettings", "MqttSettings", "Name",
-    "RateLimitSettings", "RateRule", "RedisSettings", "RetentionSettings", "RouteSettings",
-    "Section", "SequenceGapRule", "Settings", "Severity", "SimulatorSettings", "SpoolSettings",
-    "StalenessRule", "ThresholdRule", "TlsSettings", "WorkerSettings",
+    "DetectorSettings", "DeviationRule", "FlatlineRule", "HttpSettings", "HttpTlsSettings",
+    "LoggingSettings", "MqttSettings", "Name", "RateLimitSettings", "RateRule", "RedisSettings",
+    "RetentionSettings", "RouteSettings", "Section", "SequenceGapRule", "Settings", "Severity",
+    "SimulatorSettings", "SpoolSettings", "StalenessRule", "ThresholdRule", "TlsSettings",
+    "WorkerSettings",
 ]  # fmt: skip
 
 
@@ -134,6 +135,7 @@ class RedisSettings(Section):
         2.0, gt=0, description="Timeout of one command; short, so a stalled Redis is noticed."
     )
     connect_timeout_s: float = Field(2.0, gt=0, description="Timeout of one connect attempt.")
+    tls: TlsSettings = Field(default_factory=TlsSettings, description="TLS for rediss:// URLs.")
 
     @field_validator("url")
     @classmethod
@@ -142,6 +144,39 @@ class RedisSettings(Section):
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must look like redis://host:port/db")
         return value
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> RedisSettings:
+        # TLS files beside a plaintext URL would send the password in the clear while the file
+        # reads as if the link were encrypted: refuse rather than ignore them.
+        if self.tls != TlsSettings() and not self.tls_enabled:
+            raise ValueError("tls is set but url is not rediss://: use rediss://host:port/db")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return urlsplit(self.url).scheme == "rediss"
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments of redis-py's `Redis.from_url`, sync or asyncio: credentials,
+        timeouts and, for rediss://, TLS. Every Redis client iotbridge builds starts from these."""
+        options: dict[str, Any] = {
+            "username": self.username,
+            "password": self.password.get_secret_value() if self.password else None,
+            "socket_timeout": self.socket_timeout_s,
+            "socket_connect_timeout": self.connect_timeout_s,
+        }
+        if self.tls_enabled:
+            # Only the TLS connection class accepts ssl_* arguments; redis-py rejects them otherwise.
+            tls = self.tls
+            options |= {
+                "ssl_ca_certs": tls.ca_file,
+                "ssl_certfile": tls.cert_file,
+                "ssl_keyfile": tls.key_file,
+                "ssl_cert_reqs": "none" if tls.insecure_skip_verify else "required",
+                "ssl_check_hostname": not tls.insecure_skip_verify,
+            }
+        return options
 
 
 class BackoffSettings(Section):
@@ -266,6 +301,57 @@ class BrokerSettings(Section):
     metrics_port: int = Field(9104, ge=0, le=65535, description="Port of the broker's HTTP server.")
 
 
+class HttpTlsSettings(Section):
+    cert_file: str | None = Field(
+        None,
+        description="Server certificate (PEM, intermediates after it); with key_file set the "
+        "HTTP server speaks HTTPS only.",
+    )
+    key_file: str | None = Field(None, description="Private key of cert_file (PEM).")
+    client_ca_file: str | None = Field(
+        None,
+        description="CA bundle for client certificates: when set, a client without a certificate "
+        "it signed is refused (mutual TLS).",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> HttpTlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be set together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file needs cert_file and key_file")
+        return self
+
+
+class HttpSettings(Section):
+    """Access to /metrics, /healthz and /readyz, the same for every process."""
+
+    username: str | None = Field(
+        None, description="User name that /metrics requires (HTTP basic auth) with password."
+    )
+    password: SecretStr | None = Field(
+        None,
+        description="Password of /metrics; set it with IOTBRIDGE_HTTP__PASSWORD, never in the file.",
+    )
+    tls: HttpTlsSettings = Field(
+        default_factory=HttpTlsSettings, description="HTTPS for /metrics, /healthz and /readyz."
+    )
+
+    @model_validator(mode="after")
+    def _credentials_together(self) -> HttpSettings:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password must be set together")
+        if self.username is not None and (not self.username or ":" in self.username):
+            raise ValueError("username must be non-empty and without ':' (RFC 7617)")
+        if self.password is not None and not self.password.get_secret_value():
+            raise ValueError("password must not be empty")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.password is not None
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     format: Literal["text", "json"] = Field("text", description="text or JSON lines.")
@@ -294,6 +380,10 @@ class Settings(BaseSettings):
     )
     broker: BrokerSettings = Field(
         default_factory=BrokerSettings, description="The embedded broker."
+    )
+    http: HttpSettings = Field(
+        default_factory=HttpSettings,
+        description="Basic auth and TLS of every process's /metrics, /healthz and /readyz.",
     )
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
 

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry
 
-from config.settings import BackoffSettings
+from config.settings import BackoffSettings, HttpSettings
 from observability.http import HealthServer, ReadinessCheck
 
 log = logging.getLogger(__name__)
@@ -79,12 +79,14 @@ async def serve(
     registry: CollectorRegistry,
     readiness: ReadinessCheck,
     body: Callable[[asyncio.Event], Awaitable[None]],
+    http: HttpSettings | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Run `body(stop)` beside the health server until it returns; signals set `stop`."""
+    """Run `body(stop)` beside the health server (auth and TLS from `http`) until it returns;
+    signals set `stop`."""
     stop = stop or asyncio.Event()
     install_signal_handlers(stop)
-    server = HealthServer(host, port, registry, readiness)
+    server = HealthServer(host, port, registry, readiness, http)
     await server.start()
     try:
         await body(stop)
