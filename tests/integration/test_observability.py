@@ -5,18 +5,15 @@ redis-server with the Redis users of compose.yaml's ACL; two bridges sharing one
 group under distinct client ids, a worker and the simulator (injecting anomalies), each logged in
 as its own user; and Prometheus with observability/prometheus/prometheus.yml, its targets and
 intervals changed for loopback ports and 1 s. Then every dashboard panel's queries and every
-recording rule must return data, every rule must evaluate without error, the ACLs must refuse
-what they should, and the key panels render to a PNG.
+recording rule must return data, every rule must evaluate without error, and the key panels
+render to a PNG. What the ACLs refuse is tests/integration/test_security.py's subject.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -28,11 +25,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-import redis
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from config.keys import Keys
 from observability.render import (
     DASHBOARDS,
     KEY_PANELS,
@@ -43,73 +38,23 @@ from observability.render import (
     render,
     variables_of,
 )
-from tests.conftest import REQUIRE_SERVICES
-from tests.services import Service, free_port, http_get, mosquitto_binary, redis_service, wait_until
+from tests.compose_config import (
+    PASSWORDS,
+    mosquitto_as_compose_runs_it,
+    redis_acl_from_compose,
+    require,
+)
+from tests.services import Service, free_port, http_get, redis_service, wait_until
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).parents[2]
 PROMETHEUS_DIR = ROOT / "observability" / "prometheus"
 RULE_FILES = sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
-PASSWORDS = {
-    "MQTT_PASSWORD": "bridgeSecret1",
-    "MQTT_SIMULATOR_PASSWORD": "simSecret2",
-    "REDIS_BRIDGE_PASSWORD": "bridgeSecret3",
-    "REDIS_WORKER_PASSWORD": "workerSecret4",
-    "REDIS_ADMIN_PASSWORD": "adminSecret5",
-}
 # As compose.yaml: telemetry streams split by asset, divided among the workers.
 SHARDS = 4
 # Time allowed for data to appear: a few scrapes, evaluations and retention passes.
 DATA_TIMEOUT_S = 45
-
-
-def _require(name: str, *fallbacks: str) -> str:
-    found = shutil.which(name) or next((p for p in fallbacks if Path(p).exists()), None)
-    if found is None:
-        message = f"{name} is not installed"
-        if REQUIRE_SERVICES:
-            pytest.fail(f"IOTBRIDGE_REQUIRE_SERVICES=1 and {message}", pytrace=False)
-        pytest.skip(message)
-    return found
-
-
-def _set_directive(conf: str, name: str, value: str) -> str:
-    """Set a directive of broker/mosquitto.conf, enabling it when it is commented out."""
-    conf, count = re.subn(rf"^#?{name} .*$", f"{name} {value}", conf, count=1, flags=re.M)
-    assert count == 1, f"broker/mosquitto.conf has no {name} directive"
-    return conf
-
-
-def mosquitto_as_compose_runs_it(workdir: Path, port: int) -> Service:
-    """broker/mosquitto.conf with compose's changes (password and ACL files enabled), plus what a
-    test must change: a loopback port, the data directory, and the user when run as root."""
-    binary = mosquitto_binary() or _require("mosquitto")
-    workdir.mkdir(parents=True, exist_ok=True)
-    passwd = workdir / "passwd"
-    passwd.write_text("")
-    for user, secret in (("iotbridge", "MQTT_PASSWORD"), ("simulator", "MQTT_SIMULATOR_PASSWORD")):
-        subprocess.run([_require("mosquitto_passwd"), "-b", str(passwd), user, PASSWORDS[secret]],
-                       check=True, capture_output=True, timeout=10)  # fmt: skip
-    (workdir / "data").mkdir(exist_ok=True)
-    conf = (ROOT / "broker" / "mosquitto.conf").read_text()
-    conf = _set_directive(conf, "listener", f"{port} 127.0.0.1")
-    conf = _set_directive(conf, "password_file", str(passwd))
-    conf = _set_directive(conf, "acl_file", str(ROOT / "broker" / "acl"))
-    conf = _set_directive(conf, "persistence_location", f"{workdir / 'data'}/")
-    if os.geteuid() == 0:  # mosquitto would drop to user mosquitto, who cannot read pytest's dirs
-        conf = _set_directive(conf, "user", "root")
-    path = workdir / "mosquitto.conf"
-    path.write_text(conf)
-    return Service("mosquitto", [binary, "-c", str(path)], port, workdir)
-
-
-def redis_acl_from_compose(prefix: str) -> str:
-    """compose.yaml's Redis users with the test's passwords, for keys under `prefix`."""
-    content = yaml.safe_load((ROOT / "compose.yaml").read_text())["configs"]["redis-acl"]["content"]
-    content = re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: PASSWORDS[m.group(1)], content)
-    assert "${" not in content
-    return content.replace("~iotbridge:", f"~{prefix}:")
 
 
 def prometheus_config(workdir: Path, ports: dict[str, list[int]], own_port: int) -> Path:
@@ -136,11 +81,6 @@ class Pipeline:
     redis_port: int
     bridge_ports: list[int]
     services: list[Service] = field(default_factory=list)
-
-    def redis_as(self, user: str) -> redis.Redis:
-        secret = {"bridge": "REDIS_BRIDGE_PASSWORD", "worker": "REDIS_WORKER_PASSWORD"}.get(user)
-        return redis.Redis(port=self.redis_port, username=user if secret else None,
-                           password=PASSWORDS[secret] if secret else None, socket_timeout=2)  # fmt: skip
 
     def logs(self) -> str:
         return "\n".join(f"--- {s.name}\n{s.tail(8)}" for s in self.services)
@@ -194,7 +134,7 @@ def _wait_ready(service: Service) -> None:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    prometheus_binary = _require("prometheus", "/usr/bin/prometheus")
+    prometheus_binary = require("prometheus", "/usr/bin/prometheus")
     workdir = tmp_path_factory.mktemp("observability")
     prefix = "o" + uuid.uuid4().hex[:8]
     services: list[Service] = []
@@ -204,7 +144,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
         acl.write_text(redis_acl_from_compose(prefix))
         redis_server = redis_service(workdir / "redis", None, "--aclfile", str(acl))
         if redis_server is None:
-            _require("redis-server")
+            require("redis-server")
             return
         services.append(redis_server.start())
         mqtt_port = free_port()
@@ -367,30 +307,6 @@ def test_every_rule_evaluates_without_error_and_no_alert_fires(pipeline: Pipelin
     firing = [(r["name"], a["labels"]) for r in rules if r["type"] == "alerting"
               for a in r.get("alerts", []) if a["state"] == "firing"]  # fmt: skip
     assert firing == []
-
-
-def test_redis_users_have_only_the_rights_compose_grants(pipeline: Pipeline) -> None:
-    keys = Keys(pipeline.prefix, SHARDS)
-    tel, anomalies = keys.telemetry("telemetry", 0), keys.anomalies
-    worker, bridge, anonymous = (pipeline.redis_as(u) for u in ("worker", "bridge", "default"))
-    try:
-        assert worker.xlen(tel) > 0
-        assert bridge.xlen(tel) > 0
-        for denied in (
-            lambda: worker.xadd(tel, {"forged": "1"}),
-            lambda: worker.xtrim(tel, maxlen=0),
-            lambda: worker.delete(tel),
-            lambda: bridge.xadd(anomalies, {"forged": "1"}),
-            lambda: bridge.xrange(anomalies),
-            bridge.flushall,
-            lambda: anonymous.get(tel),
-        ):
-            with pytest.raises(redis.exceptions.NoPermissionError):
-                denied()
-        assert anonymous.ping()
-    finally:
-        for client in (worker, bridge, anonymous):
-            client.close()
 
 
 def test_render_draws_the_key_panels_to_a_png(pipeline: Pipeline, tmp_path: Path) -> None:

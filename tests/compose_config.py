@@ -1,0 +1,100 @@
+"""The servers as compose.yaml deploys them, for tests that run the shipped configuration.
+
+broker/mosquitto.conf with the changes compose's mosquitto service makes (password and ACL files
+enabled) plus what a test must change (loopback port, data directory, user when run as root), and
+compose's Redis ACL users with test passwords and the test's key prefix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REQUIRE_SERVICES
+from tests.services import Service, mosquitto_binary
+
+ROOT = Path(__file__).parents[1]
+PASSWORDS = {
+    "MQTT_PASSWORD": "bridgeSecret1",
+    "MQTT_SIMULATOR_PASSWORD": "simSecret2",
+    "REDIS_BRIDGE_PASSWORD": "bridgeSecret3",
+    "REDIS_WORKER_PASSWORD": "workerSecret4",
+    "REDIS_ADMIN_PASSWORD": "adminSecret5",
+}
+# The Redis users of compose's ACL and the variable that holds each one's password.
+REDIS_PASSWORDS = {
+    "bridge": "REDIS_BRIDGE_PASSWORD",
+    "worker": "REDIS_WORKER_PASSWORD",
+    "admin": "REDIS_ADMIN_PASSWORD",
+}
+
+
+def require(name: str, *fallbacks: str) -> str:
+    """The path of an installed program; skip the test without it (fail when services are
+    required)."""
+    found = shutil.which(name) or next((p for p in fallbacks if Path(p).exists()), None)
+    if found is None:
+        message = f"{name} is not installed"
+        if REQUIRE_SERVICES:
+            pytest.fail(f"IOTBRIDGE_REQUIRE_SERVICES=1 and {message}", pytrace=False)
+        pytest.skip(message)
+    return found
+
+
+def set_directive(conf: str, name: str, value: str) -> str:
+    """Set a directive of broker/mosquitto.conf, enabling it when it is commented out."""
+    conf, count = re.subn(rf"^#?{name} .*$", f"{name} {value}", conf, count=1, flags=re.M)
+    assert count == 1, f"broker/mosquitto.conf has no {name} directive"
+    return conf
+
+
+def write_passwords(path: Path, users: dict[str, str]) -> None:
+    """A mosquitto password file made by `mosquitto_passwd -b`, as compose's broker makes it."""
+    binary = require("mosquitto_passwd", "/usr/bin/mosquitto_passwd")
+    path.write_text("")
+    for user, password in users.items():
+        subprocess.run([binary, "-b", str(path), user, password],
+                       check=True, capture_output=True, timeout=10)  # fmt: skip
+
+
+def mosquitto_as_compose_runs_it(
+    workdir: Path, port: int, *, users: dict[str, str] | None = None, extra_conf: str = ""
+) -> Service:
+    """broker/mosquitto.conf with compose's changes (password and ACL files enabled), plus what a
+    test must change: a loopback port, the data directory, and the user when run as root.
+
+    The password file holds compose's `iotbridge` and `simulator` accounts and `users` (device
+    accounts: user name = asset id). `extra_conf` is appended, for example a second listener."""
+    binary = mosquitto_binary() or require("mosquitto")
+    workdir.mkdir(parents=True, exist_ok=True)
+    passwd = workdir / "passwd"
+    write_passwords(passwd, {
+        "iotbridge": PASSWORDS["MQTT_PASSWORD"],
+        "simulator": PASSWORDS["MQTT_SIMULATOR_PASSWORD"],
+        **(users or {}),
+    })  # fmt: skip
+    (workdir / "data").mkdir(exist_ok=True)
+    conf = (ROOT / "broker" / "mosquitto.conf").read_text()
+    conf = set_directive(conf, "listener", f"{port} 127.0.0.1")
+    conf = set_directive(conf, "password_file", str(passwd))
+    conf = set_directive(conf, "acl_file", str(ROOT / "broker" / "acl"))
+    conf = set_directive(conf, "persistence_location", f"{workdir / 'data'}/")
+    if os.geteuid() == 0:  # mosquitto would drop to user mosquitto, who cannot read pytest's dirs
+        conf = set_directive(conf, "user", "root")
+    path = workdir / "mosquitto.conf"
+    path.write_text(conf + ("\n" + extra_conf if extra_conf else ""))
+    return Service("mosquitto", [binary, "-c", str(path)], port, workdir)
+
+
+def redis_acl_from_compose(prefix: str) -> str:
+    """compose.yaml's Redis users with the test's passwords, for keys under `prefix`."""
+    content = yaml.safe_load((ROOT / "compose.yaml").read_text())["configs"]["redis-acl"]["content"]
+    content = re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: PASSWORDS[m.group(1)], content)
+    assert "${" not in content
+    return str(content).replace("~iotbridge:", f"~{prefix}:")
