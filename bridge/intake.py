@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from bridge.contracts import Sample, build_contracts
 from bridge.record import Reason, text_field, value_field
-from bridge.routing import Route, RouteTable
+from bridge.routing import RouteTable
 from bridge.sink import Append, Dedup, bulk
 from bridge.source import Inbound
 from config.errors import PayloadRejected
@@ -41,6 +41,7 @@ def _bulk_name(field: str) -> bytes:
 
 
 _RETAINED = bulk(b"retained") + bulk(b"1")
+_MAX_VALUE_NAMES = 4096
 
 
 class TokenBuckets:
@@ -85,6 +86,9 @@ class Intake:
             r.name: bulk(b"route") + bulk(r.name.encode()) for r in self.routes.routes
         }
         self._buckets = TokenBuckets(settings.rate_limit)
+        # Bounded like the route table's topic cache: one entry per topic seen.
+        self._target = lru_cache(maxsize=200_000)(self._target_uncached)
+        self._value_names: dict[str, bytes] = {}
         self._contracts = build_contracts(settings.contracts)
 
     @property
@@ -99,9 +103,9 @@ class Intake:
         return [self._keys.dead_letters, *streams, *dedup]
 
     def classify(self, inbound: Inbound) -> Pending:
-        matched = self.routes.match(inbound.topic) if inbound.topic is not None else None
-        if matched is None:
-            detail = "no route matches the topic" if inbound.topic is not None else "not UTF-8"
+        topic = inbound.topic
+        if topic is None or (matched := self.routes.match(topic)) is None:
+            detail = "no route matches the topic" if topic is not None else "not UTF-8"
             return self.dead_letter(inbound, UNROUTED, Reason.TOPIC, detail)
         route, levels = matched
         if inbound.retain and self._settings.retained == "skip":
@@ -116,7 +120,7 @@ class Intake:
             self._check_rate(route.name, sample.asset, inbound.received)
         except PayloadRejected as exc:
             return self.dead_letter(inbound, route.name, Reason(exc.reason), exc.detail)
-        append = self._telemetry(inbound, route, levels, sample)
+        append = self._telemetry(inbound, topic, sample)
         return Pending(inbound, route.name, append, None, sample.ts)
 
     def _check_rate(self, route: str, asset: str, now: float) -> None:
@@ -135,36 +139,55 @@ class Intake:
                 Reason.CLOCK, f"ts {sample.ts:.3f} is {sample.ts - now:.0f} s in the future"
             )
 
-    def _telemetry(
-        self, inbound: Inbound, route: Route, levels: dict[str, str], sample: Sample
-    ) -> Append:
-        # RESP, built once here: the sink sends these bytes as they are.
-        asset, seq, ts = sample.asset.encode(), b"%d" % sample.seq, repr(sample.ts).encode()
-        topic, rx = inbound.raw_topic, repr(inbound.received_wall).encode()
+    def _telemetry(self, inbound: Inbound, topic: str, sample: Sample) -> Append:
+        # RESP, built once here: the sink sends these bytes as they are. What depends only on
+        # the topic (asset, topic, route, levels, stream, dedup key) is packed once per topic.
+        static, count, stream, dedup_key = self._target(topic)
+        seq, ts, rx = b"%d" % sample.seq, repr(sample.ts).encode(), repr(inbound.received_wall).encode()  # fmt: skip
+        parts = [static, b"$3\r\nseq\r\n$%d\r\n%b\r\n$2\r\nts\r\n$%d\r\n%b\r\n$2\r\nrx\r\n$%d\r\n%b\r\n"
+                 % (len(seq), seq, len(ts), ts, len(rx), rx)]  # fmt: skip
+        if inbound.retain:
+            parts.append(_RETAINED)
+            count += 2
+        names = self._value_names
+        for name, reading in sample.values.items():
+            packed = names.get(name) or self._value_name(name)
+            text = repr(reading).encode()
+            parts.append(b"%b$%d\r\n%b\r\n" % (packed, len(text), text))
+        for name, text_value in sample.texts.items():
+            parts += [_bulk_name(text_field(name)), bulk(text_value.encode())]
+        count += 2 * (len(sample.values) + len(sample.texts))
+        dedup = None
+        if dedup_key is not None:
+            dedup = Dedup(dedup_key, sample.asset, sample.seq, sample.ts)
+        return Append(stream, count, b"".join(parts), dedup)
+
+    def _target_uncached(self, topic: str) -> tuple[bytes, int, str, str | None]:
+        """Per topic: the packed fields that never change, their count, stream and dedup key."""
+        matched = self.routes.match(topic)
+        assert matched is not None  # classify matched this topic already
+        route, levels = matched
+        asset = levels[route.settings.asset_level]
         parts = [
-            b"$5\r\nasset\r\n$%d\r\n%b\r\n$3\r\nseq\r\n$%d\r\n%b\r\n$2\r\nts\r\n$%d\r\n%b\r\n"
-            b"$5\r\ntopic\r\n$%d\r\n%b\r\n$2\r\nrx\r\n$%d\r\n%b\r\n"
-            % (len(asset), asset, len(seq), seq, len(ts), ts, len(topic), topic, len(rx), rx),
+            bulk(b"asset"), bulk(asset.encode()), bulk(b"topic"), bulk(topic.encode()),
             self._route_field[route.name],
         ]  # fmt: skip
-        count = 12
+        count = 12  # asset, topic, route, and seq, ts, rx: field and value each
         for level, value in levels.items():
             if level != route.settings.asset_level:
                 parts += [_bulk_name(level), bulk(value.encode())]
                 count += 2
-        if inbound.retain:
-            parts.append(_RETAINED)
-            count += 2
-        for name, reading in sample.values.items():
-            parts += [_bulk_name(value_field(name)), bulk(repr(reading).encode())]
-        for name, text in sample.texts.items():
-            parts += [_bulk_name(text_field(name)), bulk(text.encode())]
-        count += 2 * (len(sample.values) + len(sample.texts))
-        shard = shard_of(sample.asset, self._shards)
-        dedup = None
-        if self._settings.dedup:
-            dedup = Dedup(self._dedup_keys[route.name][shard], sample.asset, sample.seq, sample.ts)
-        return Append(self._streams[route.name][shard], count, b"".join(parts), dedup)
+        shard = shard_of(asset, self._shards)
+        dedup = self._dedup_keys[route.name][shard] if self._settings.dedup else None
+        return b"".join(parts), count, self._streams[route.name][shard], dedup
+
+    def _value_name(self, name: str) -> bytes:
+        """`v.<name>` in RESP, remembered for the next message; names come from payloads, so the
+        memory is bounded (cleared when full)."""
+        if len(self._value_names) >= _MAX_VALUE_NAMES:
+            self._value_names.clear()
+        packed = self._value_names[name] = bulk(value_field(name).encode())
+        return packed
 
     def dead_letter(self, inbound: Inbound, route: str, reason: Reason, detail: str) -> Pending:
         cap = self._settings.dlq_payload_bytes

@@ -100,7 +100,7 @@ return out
 """
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per message, and frozen costs 3x
 class Dedup:
     """Where and by what an entry is deduplicated."""
 
@@ -120,7 +120,7 @@ def pack_fields(fields: Sequence[bytes | str]) -> bytes:
     return b"".join([bulk(f.encode() if isinstance(f, str) else f) for f in fields])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, like Dedup
 class Append:
     """One XADD: a stream key, its field/value pairs as RESP (`count` bulk strings in `packed`),
     and its dedup identity (or None). Packed once, where the entry is built."""

@@ -46,6 +46,9 @@ def test_rfc3339_timestamps_are_accepted() -> None:
         (b'{"ts": 1, "seq": 1, "values": {"t": NaN}}', "schema"),
         (b'{"ts": 1, "seq": 1, "values": {"t": Infinity}}', "schema"),
         (b'{"ts": 1, "seq": 1, "values": {"t": 1e400}}', "schema"),
+        # An integer beyond any float: refused like 1e400, never an OverflowError.
+        (b'{"ts": 1, "seq": 1, "values": {"t": 1' + b"0" * 400 + b"}}", "schema"),
+        (b'{"ts": 1' + b"0" * 400 + b', "seq": 1, "values": {"t": 1}}', "schema"),
         (b'{"ts": 1, "seq": 1, "values": {"t": true}}', "schema"),
         (b'{"ts": 1, "seq": 1, "values": {"t": "1.5"}}', "schema"),
         (b'{"ts": 1, "seq": 1.5, "values": {"t": 1}}', "schema"),
@@ -126,6 +129,7 @@ def test_a_declared_contract_types_and_bounds_each_value() -> None:
         b'{"flow": 1, "running": true, "starts": 1.5}',  # not an integer
         b'{"flow": 1, "running": true, "other": 3}',  # undeclared
         b'{"flow": NaN, "running": true}',
+        b'{"flow": 1, "running": true, "starts": 1' + b"0" * 400 + b"}",  # beyond a double
     ],
 )
 def test_a_declared_contract_rejects_with_reason_schema(values: bytes) -> None:
@@ -139,5 +143,9 @@ def test_undeclared_values_can_be_allowed_as_finite_numbers() -> None:
     contract = build_contracts({"open": open_contract})["open"]
     sample = contract.validate(b'{"ts": 5, "seq": 1, "values": {"t": 1, "x": 2}}', "a", 1000)
     assert sample.values == {"t": 1.0, "x": 2.0}
-    with pytest.raises(PayloadRejected):
-        contract.validate(b'{"ts": 5, "seq": 1, "values": {"t": 1, "x": "2"}}', "a", 1000)
+    for undeclared in (b'"2"', b"1" + b"0" * 400):
+        with pytest.raises(PayloadRejected) as caught:
+            contract.validate(
+                b'{"ts": 5, "seq": 1, "values": {"t": 1, "x": %b}}' % undeclared, "a", 1000
+            )
+        assert caught.value.reason == "schema"
