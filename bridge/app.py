@@ -1,8 +1,10 @@
 """Bridge wiring: MQTT source -> intake -> batched atomic write (Redis, or the spool) -> acks.
 
 Intake runs inside the source's message callback (synchronous and cheap); the message then waits
-in `pending` until a batch carrying it is stored, and only then is it acknowledged. Batches are
-stored one at a time, so acks leave in the order messages arrived.
+in `pending` until a batch carrying it is stored, and only then is it acknowledged. Up to
+`batch.pipeline` full batches are written to Redis at once, on one connection whose replies come
+in order, so the bridge packs the next batch while Redis runs the last; batches are settled
+oldest first, so acks leave in the order messages arrived.
 
 Where a batch is stored: in Redis while the spool is empty; in the spool (fsynced) while Redis is
 away or the spool still holds older batches, which drain to Redis first. With no spool, or a full
@@ -17,6 +19,7 @@ import json
 import logging
 import time
 from collections import Counter, deque
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 from redis.exceptions import BusyLoadingError, OutOfMemoryError, ReadOnlyError, RedisError
@@ -38,6 +41,15 @@ log = logging.getLogger(__name__)
 
 # Spool batches drained per pass, so new messages keep flowing into the spool meanwhile.
 _DRAIN_PER_PASS = 8
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    """Messages taken from `pending` together, and their Redis write while it runs (None: not
+    sent, or it failed and the batch is to be stored again)."""
+
+    items: list[Pending]
+    write: asyncio.Task[tuple[list[int], float]] | None
 
 
 class BridgeApp:
@@ -63,7 +75,7 @@ class BridgeApp:
             s: r for r in self.intake.route_names for s in self.keys.telemetry_streams(r)
         }
         self.pending: deque[Pending] = deque()
-        self.writing: list[Pending] = []  # taken from pending, not yet stored and acknowledged
+        self.batches: deque[_Batch] = deque()  # taken from pending, not yet stored and acknowledged
         self._arrived = asyncio.Event()
         self._backoff = Backoff(settings.backoff)
         self._retry_at = 0.0  # monotonic time before which Redis is not tried again
@@ -93,10 +105,12 @@ class BridgeApp:
         self._arrived.set()
 
     def in_flight(self) -> int:
-        return len(self.writing) + len(self.pending)
+        return sum(len(b.items) for b in self.batches) + len(self.pending)
 
     def oldest_unacked_age_s(self) -> float:
-        oldest = self.writing[0] if self.writing else self.pending[0] if self.pending else None
+        oldest = (
+            self.batches[0].items[0] if self.batches else self.pending[0] if self.pending else None
+        )
         return 0.0 if oldest is None else time.monotonic() - oldest.inbound.received
 
     @property
@@ -129,40 +143,92 @@ class BridgeApp:
             await asyncio.sleep(wait_s)
 
     async def _write_loop(self, stop: asyncio.Event) -> None:
-        while True:
-            if stop.is_set() and not self.in_flight():
-                return  # whatever is spooled stays on disk for the next start
-            if not self.writing and self.pending:
-                await self._let_batch_fill(stop)
-                self.writing = self._take_batch()
-            if self.writing and await self._store(self.writing):
-                self.writing = []
-            if self.spooling and not stop.is_set():
-                await self._drain_spool()
-            await self._wait_for_work(stop)
+        try:
+            while True:
+                if stop.is_set() and not self.in_flight():
+                    return  # whatever is spooled stays on disk for the next start
+                if self.pending and not self.batches:
+                    await self._let_batch_fill(stop)
+                self._send_batches()
+                if self.batches:
+                    await self._settle(self.batches[0])
+                elif self.spooling and not stop.is_set():
+                    await self._drain_spool()
+                await self._wait_for_work(stop)
+        finally:
+            for batch in self.batches:
+                if batch.write is not None:
+                    batch.write.cancel()
+
+    @property
+    def _direct(self) -> bool:
+        """Batches go straight to Redis: nothing older waits in the spool, no retry is due."""
+        return not self.spooling and time.monotonic() >= self._retry_at
+
+    def _send_batches(self) -> None:
+        """Start the Redis writes of the next batches, up to `batch.pipeline` in flight. A batch
+        that is not full waits while another is in flight, so batches stay large; while Redis
+        is failing, one batch at a time is stored (Redis, spool, or held) by `_settle`."""
+        limits = self.settings.bridge.batch
+        while self.pending and len(self.batches) < limits.pipeline:
+            if self.batches and (
+                len(self.pending) < limits.max_size
+                or self.batches[-1].write is None
+                or not self._direct
+            ):
+                return
+            items = self._take_batch()
+            write = None
+            if self._direct:
+                appends = [p.append for p in items if p.append is not None]
+                write = asyncio.create_task(self.sink.write(appends), name="redis-write")
+            self.batches.append(_Batch(items, write))
+
+    async def _settle(self, batch: _Batch) -> None:
+        """Finish the oldest batch: its Redis write's outcome, or storing it again after a failure.
+        Acknowledged, in order, only once stored."""
+        if batch.write is None:
+            if await self._store(batch.items):
+                self.batches.popleft()
+            return
+        write, batch.write = batch.write, None
+        try:
+            written, duration = await write
+        except SinkUnavailable as exc:
+            # Batches sent behind it fail with it (one outage): count the outage once.
+            if self.redis_ok or self._backoff.attempts == 0:
+                self._redis_failed(exc)
+            else:
+                self.metrics.write_errors.labels(_kind(exc)).inc()
+            return  # stored again (Redis or spool) once its retry is due
+        self._stored(batch.items, written, duration)
+        self.batches.popleft()
+
+    def _stored(self, batch: list[Pending], written: list[int], duration: float) -> None:
+        self._redis_succeeded()
+        self.metrics.xadd_duration.observe(duration)
+        self.metrics.batch_size.observe(len(batch))
+        self._acknowledge(batch, written)
 
     async def _wait_for_work(self, stop: asyncio.Event) -> None:
         """Return at once when there is work that can be done now; otherwise sleep until there
         is (a message arrives, the retry delay passes, or stop)."""
         now = time.monotonic()
         retry_due = now >= self._retry_at
-        if self.writing:
-            if retry_due:
+        if self.batches:
+            if self.batches[0].write is not None or retry_due:
                 return
-            timeout: float | None = self._retry_at - now
-        elif self.pending:
+            # A held batch waits out its retry delay even while stopping (the grace period bounds
+            # the shutdown), so nothing here can spin.
+            await asyncio.sleep(self._retry_at - now)
             return
-        elif self.spooling and not stop.is_set():
+        if self.pending:
+            return
+        timeout: float | None = None
+        if self.spooling and not stop.is_set():
             if retry_due:
                 return
             timeout = self._retry_at - now
-        else:
-            timeout = None
-        if self.writing:
-            # A held batch waits out its retry delay even while stopping (the grace period bounds
-            # the shutdown), so nothing here can spin.
-            await asyncio.sleep(timeout or 0)
-            return
         self._arrived.clear()
         try:
             async with asyncio.timeout(timeout):
@@ -173,16 +239,13 @@ class BridgeApp:
     async def _store(self, batch: list[Pending]) -> bool:
         """Store a batch in Redis or the spool and acknowledge it; False when it must wait."""
         appends = [p.append for p in batch if p.append is not None]
-        if not self.spooling and time.monotonic() >= self._retry_at:
+        if self._direct:
             try:
                 written, duration = await self.sink.write(appends)
             except SinkUnavailable as exc:
                 self._redis_failed(exc)
             else:
-                self._redis_succeeded()
-                self.metrics.xadd_duration.observe(duration)
-                self.metrics.batch_size.observe(len(batch))
-                self._acknowledge(batch, written)
+                self._stored(batch, written, duration)
                 return True
         if self.spool is not None:
             try:
@@ -206,15 +269,15 @@ class BridgeApp:
             if appends is None:
                 return
             try:
-                written, _duration = await self.sink.write(appends)
+                await self.sink.write(appends)
             except SinkUnavailable as exc:
                 self._redis_failed(exc)
                 return
             self._redis_succeeded()
             await asyncio.to_thread(self.spool.consume)
-            for append, flag in zip(appends, written, strict=True):
-                if flag == 0:
-                    self.metrics.duplicates.labels(self._route_of[append.stream]).inc()
+            # Not counted again: each message was counted (forwarded, rejected) when its batch
+            # was spooled and acknowledged, or by an earlier run. One the stream already holds
+            # (a write whose reply was lost landed after all) is dropped here by the dedup.
             if self.spool.empty:
                 log.info("spool drained; writing to redis directly")
 

@@ -21,6 +21,7 @@ Memory is O(assets) (about 200 bytes each), not O(messages), and it never expire
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -28,8 +29,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from config.errors import ConfigError, ConfigProblem, SinkUnavailable
@@ -54,6 +57,23 @@ local function setbit(ring, p, on)
   if on then byte = bit.bor(byte, mask) else byte = bit.band(byte, bit.bnot(mask)) end
   return string.sub(ring, 1, i - 1) .. string.char(byte) .. string.sub(ring, i + 1)
 end
+-- Clears `count` (< W) positions from `first` on, wrapping: whole bytes at once, so a device
+-- whose seq jumps by hundreds costs a few string operations, not one per skipped seq.
+local function clear(ring, first, count)
+  while count > 0 do
+    local p = first % W
+    if p % 8 == 0 and count >= 8 then
+      local n = math.min(math.floor(count / 8), (W - p) / 8)
+      local i = p / 8 + 1
+      ring = string.sub(ring, 1, i - 1) .. string.rep('\0', n) .. string.sub(ring, i + n)
+      first, count = first + n * 8, count - n * 8
+    else
+      ring = setbit(ring, p, false)
+      first, count = first + 1, count - 1
+    end
+  end
+  return ring
+end
 local out = {}
 local i = 1
 while i <= #ARGV do
@@ -74,7 +94,7 @@ while i <= #ARGV do
         if seq - hw >= W then
           ring = EMPTY
         else
-          for s = hw + 1, seq - 1 do ring = setbit(ring, s % W, false) end
+          ring = clear(ring, hw + 1, seq - hw - 1)
         end
         hw = seq
         if ts > hwts then hwts = ts end
@@ -187,6 +207,10 @@ class RedisSink:
         self._sha = hashlib.sha1(_APPEND_SCRIPT.encode()).hexdigest()  # noqa: S324 -- Redis names scripts by SHA-1
         self._head = _bulk("EVALSHA") + _bulk(self._sha) + _bulk(str(len(self._keys)))
         self._head += b"".join(_bulk(k) for k in self._keys)
+        # Batches go out on one connection of their own (see _execute); the pool serves the rest.
+        self._conn: Connection | None = None
+        self._connecting = asyncio.Lock()
+        self._turn: asyncio.Future[None] | None = None  # the last caller's: done once it has read
 
     @property
     def client(self) -> aioredis.Redis:
@@ -230,17 +254,46 @@ class RedisSink:
                 "streams; set it to noeviction (or a volatile-* policy)")])  # fmt: skip
 
     async def _execute(self, command: bytes) -> list[int]:
-        pool = self._redis.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        """Send a command on the sink's own connection and read its reply, in call order.
+
+        Several batches may be in flight on the connection at once: Redis answers one client's
+        commands in the order it sent them, so each caller reads after the one before it has
+        read. Any other failure than an error reply (or a cancellation) drops the connection, so
+        no later caller can read a reply that is not its own; they fail too, and their batches
+        are written again.
+        """
+        conn = self._conn
+        if conn is None:
+            async with self._connecting:
+                if self._conn is None:
+                    pool = self._redis.connection_pool
+                    self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                conn = self._conn
+        previous, turn = self._turn, asyncio.get_running_loop().create_future()
+        self._turn = turn
         try:
             await conn.send_packed_command(command, check_health=False)
-            reply = await conn.read_response()
-        except (RedisError, OSError):
-            await conn.disconnect()
+            if previous is not None:
+                await previous
+            # An earlier caller's failure dropped the connection: this reply is lost with it.
+            lost = conn is not self._conn
+            reply = None if lost else await conn.read_response()
+        except ResponseError:
+            raise  # an error reply (NOSCRIPT, OOM) was read whole: the connection is still in step
+        except BaseException:
+            await self._drop(conn)
             raise
         finally:
-            await pool.release(conn)
+            turn.set_result(None)
+        if reply is None:  # lost
+            raise RedisConnectionError("the connection failed before this reply was read")
         return list(reply)
+
+    async def _drop(self, conn: Connection) -> None:
+        if conn is self._conn:
+            self._conn = None
+            await conn.disconnect()
+            await self._redis.connection_pool.release(conn)
 
     async def write(self, appends: Sequence[Append]) -> tuple[list[int], float]:
         """Append a batch atomically: per entry 1 (written), 0 (a duplicate, not written) or 2
@@ -254,7 +307,9 @@ class RedisSink:
             try:
                 written = await self._execute(command)
             except NoScriptError:
-                # Redis restarted (scripts are not persisted): load it and try once more.
+                # Redis restarted (scripts are not persisted): load it and try once more. With
+                # several batches in flight each does so; their entries may then land in another
+                # order than they were sent (their acks still leave in order).
                 await self._redis.script_load(_APPEND_SCRIPT)
                 written = await self._execute(command)
         except (RedisError, OSError) as exc:
@@ -262,4 +317,6 @@ class RedisSink:
         return [int(flag) for flag in written], time.perf_counter() - started
 
     async def close(self) -> None:
+        if self._conn is not None:
+            await self._drop(self._conn)
         await self._redis.aclose()

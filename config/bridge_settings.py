@@ -17,6 +17,13 @@ class BatchSettings(Section):
     max_delay_ms: float = Field(
         5.0, ge=0, description="Longest a message waits for its batch to fill before it is written."
     )
+    pipeline: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Full batches sent to Redis before the first one's reply, on one connection "
+        "(replies come in order): the bridge packs the next batch while Redis runs the last.",
+    )
 
 
 class SpoolSettings(Section):

@@ -3,6 +3,7 @@ against real mosquitto and redis-server, asserted on stream contents and metric 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -104,6 +105,36 @@ async def test_a_batch_written_twice_leaves_one_copy(redis_url: str, unique: str
     db = redis.Redis.from_url(redis_url)
     assert db.xlen(keys.telemetry("r")) == 300
     assert db.hlen(keys.dedup("r")) == 3  # O(assets), not O(messages)
+
+
+async def test_seq_gaps_clear_the_ring_exactly_and_pipelined_writes_answer_in_order(
+    redis_url: str, unique: str
+) -> None:
+    """A device whose seq jumps (by 5, by hundreds) leaves the skipped seqs unseen, so a late one
+    is written and a redelivery is not; several batches in flight on the sink's connection get
+    their own replies."""
+    keys = Keys(unique)
+    sink = RedisSink(RedisSettings(url=redis_url), [keys.telemetry("r"), keys.dedup("r")])
+
+    def batch(seqs: list[int]) -> list[Append]:
+        return [
+            Append.of(keys.telemetry("r"), ["seq", str(s)], Dedup(keys.dedup("r"), "a1", s, 10.0))
+            for s in seqs
+        ]
+
+    await sink.check()  # loads the script, as the bridge does before its first batch
+    # Sent at once: they run in this order on one connection.
+    replies = await asyncio.gather(
+        sink.write(batch([0, 5, 300, 301, 1000, 1500])),
+        sink.write(batch([1500, 1000])),  # redeliveries
+        sink.write(batch([1499, 1200, 1001, 700, 499])),  # skipped seqs, seen late: new
+        # Older than the 1,024-seq ring below 1500: written, flagged unverified; then a redelivery.
+        sink.write(batch([300, 1499])),
+    )
+    await sink.close()
+    assert [flags for flags, _ in replies] == [[1] * 6, [0, 0], [1] * 5, [2, 0]]
+    db = redis.Redis.from_url(redis_url)
+    assert db.xlen(keys.telemetry("r")) == 12
 
 
 async def test_an_asset_split_between_two_bridges_loses_nothing_even_far_out_of_order(
