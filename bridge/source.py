@@ -176,6 +176,10 @@ class MqttSource:
             log.info("mqtt disconnected")
         elif self.connected:
             log.warning("mqtt connection lost", extra={"reason": str(reason)})
+        if self._connack is not None and not self._connack.done():
+            # Closed before the CONNACK (the broker is restarting, a proxy let us in and hung up):
+            # fail this attempt now rather than after connect_timeout_s, so the retry comes soon.
+            self._connack.set_exception(ConnectionError(f"closed before CONNACK: {reason}"))
         self._mark_lost()
 
     def _mark_lost(self) -> None:
@@ -275,23 +279,22 @@ class MqttSource:
         log.info("mqtt connected", extra={"broker": f"{s.host}:{s.port}",
                                           "session_present": session_present})  # fmt: skip
         current = {f for f, _ in self._subscriptions}
-        if (
-            session_present
-            and self.previous_filters is not None
-            and current == self.previous_filters
-        ):
-            self._confirm_subscribed()
-        else:
-            # A new session has no subscriptions; a resumed one may hold an older route table's.
-            self.subscribed = False
-            stale = sorted((self.previous_filters or set()) - current)
-            if session_present and stale:
-                self._client.unsubscribe(stale)
-                log.info(
-                    "unsubscribed from filters no longer in the route table",
-                    extra={"filters": stale},
-                )
-            self._subscribe()
+        # Subscribed on every connect, a resumed session included: a broker may resume a session
+        # without its subscriptions. Mosquitto 2.0.11 does not write $share subscriptions to its
+        # persistence file, so after its restart a shared subscriber's session comes back empty
+        # and, were it trusted, nothing would be delivered again. Subscribing to a filter the
+        # session still holds replaces it (MQTT 5 3.8.4) and, with retain handling 1, replays
+        # no retained message.
+        self.subscribed = False
+        # A resumed session may hold an older route table's filters.
+        stale = sorted((self.previous_filters or set()) - current)
+        if session_present and stale:
+            self._client.unsubscribe(stale)
+            log.info(
+                "unsubscribed from filters no longer in the route table",
+                extra={"filters": stale},
+            )
+        self._subscribe()
 
     def _confirm_subscribed(self) -> None:
         self.subscribed = True

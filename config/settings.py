@@ -83,8 +83,11 @@ class MqttSettings(Section):
     receive_maximum: int = Field(
         1000,
         gt=0,
-        le=65535,
-        description="MQTT 5 receive maximum: unacknowledged QoS 1 messages the broker may send.",
+        # At most the dedup ring (1,024 seqs per asset): a redelivery after a crash is then always
+        # inside it, so it is recognised rather than written again as unverifiable.
+        le=1024,
+        description="MQTT 5 receive maximum: unacknowledged QoS 1 messages the broker may send "
+        "(at most 1,024, the dedup window per asset).",
     )
     username: str | None = Field(None, description="Username, if the broker requires one.")
     password: SecretStr | None = Field(
