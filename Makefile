@@ -41,6 +41,11 @@ check: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy $(PACKAGES) bench
 
+# 30 minutes at 500 msg/s with a fault every 2 minutes, then the audit (tests/soak.py); the
+# 3-minute version is tests/integration/test_soak.py, part of `make test`.
+soak: $(VENV)/.installed services
+	$(BIN)/python -m tests.soak --duration-s 1800 --fault-interval-s 120 --rate 500
+
 bench: $(VENV)/.installed services
 	$(BIN)/python bench/run.py
 
