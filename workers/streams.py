@@ -126,16 +126,30 @@ async def delivery_counts(
 async def group_info(
     client: Redis, streams: Sequence[str], group: str
 ) -> dict[str, dict[str, Any]]:
-    """XINFO GROUPS of our group on each stream that has it."""
+    """XINFO GROUPS of our group on each stream that has it, with a lag of 0 whenever the group
+    has been given the stream's last entry: Redis 7.0 computes the lag from a read counter that a
+    restart from the append-only file can leave behind (measured: lag 3,627 with last-delivered-id
+    equal to last-generated-id and nothing pending, for good)."""
     async with client.pipeline(transaction=False) as pipe:
         for stream in streams:
             pipe.xinfo_groups(stream)
+            pipe.xinfo_stream(stream)
         # A stream deleted under us answers with an error; the next read will report that.
         replies = await pipe.execute(raise_on_error=False)
     info: dict[str, dict[str, Any]] = {}
-    for stream, groups in zip(streams, replies, strict=True):
+    for index, stream in enumerate(streams):
+        groups, described = replies[2 * index], replies[2 * index + 1]
         if isinstance(groups, list):
             mine = next((g for g in groups if g.get("name") == group), None)
             if mine is not None:
                 info[stream] = dict(mine)
+                if isinstance(described, dict) and _same_id(
+                    mine.get("last-delivered-id"), described.get("last-generated-id")
+                ):
+                    info[stream]["lag"] = 0
     return info
+
+
+def _same_id(a: object, b: object) -> bool:
+    text = [x.decode() if isinstance(x, bytes) else x for x in (a, b)]
+    return text[0] is not None and text[0] == text[1]

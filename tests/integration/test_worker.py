@@ -27,6 +27,7 @@ from config.keys import Keys
 from config.settings import Settings
 from tests.faults import redis as own_redis
 from tests.services import free_port, http_get, wait_until
+from workers import streams
 from workers.app import WorkerApp
 
 pytestmark = pytest.mark.integration
@@ -296,3 +297,25 @@ def test_the_worker_command_gets_ready_and_exits_zero_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_the_lag_is_zero_once_the_group_has_the_last_entry_whatever_redis_counts(
+    redis_url: str, unique: str
+) -> None:
+    """Redis 7.0 computes XINFO GROUPS' lag from a read counter that a restart from the
+    append-only file can leave behind; `XGROUP SETID ... ENTRIESREAD 0` makes the same state."""
+    client = Redis.from_url(redis_url, decode_responses=True)  # as the worker's
+    stream = f"{unique}:s"
+    try:
+        for n in range(5):
+            await client.xadd(stream, {"n": n})
+        await client.xgroup_create(stream, "g", id="$")
+        await client.execute_command("XGROUP", "SETID", stream, "g", "$", "ENTRIESREAD", 0)
+        [raw] = await client.xinfo_groups(stream)
+        assert raw["lag"] == 5  # what Redis reports: not a single entry is waiting
+        assert (await streams.group_info(client, [stream], "g"))[stream]["lag"] == 0
+        await client.xadd(stream, {"n": 5})  # now one is: Redis's count stands
+        assert (await streams.group_info(client, [stream], "g"))[stream]["lag"] == 6
+    finally:
+        await client.delete(stream)
+        await client.aclose()
