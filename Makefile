@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# Real servers for the integration tests (and promtool, from Debian's prometheus package):
+# Real servers for the integration tests (promtool from Debian's prometheus package, and
+# faketime for the clock-skew tests):
 # installed with apt-get when missing and we are root.
 services:
 	@missing=""; \
@@ -21,6 +22,7 @@ services:
 	command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v faketime >/dev/null || missing="$$missing faketime"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing:$$missing"; \
