@@ -13,11 +13,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
-from tests.conftest import REQUIRE_SERVICES
-from tests.services import Service, mosquitto_binary
+from tests.services import Service, missing, mosquitto_binary, redis_service, set_directive
+from tests.services import require as require_binary
 
 ROOT = Path(__file__).parents[1]
 PASSWORDS = {
@@ -36,22 +35,10 @@ REDIS_PASSWORDS = {
 
 
 def require(name: str, *fallbacks: str) -> str:
-    """The path of an installed program; skip the test without it (fail when services are
-    required)."""
+    """The path of an installed program (or the first fallback path that exists); skip the test
+    without it (fail when services are required)."""
     found = shutil.which(name) or next((p for p in fallbacks if Path(p).exists()), None)
-    if found is None:
-        message = f"{name} is not installed"
-        if REQUIRE_SERVICES:
-            pytest.fail(f"IOTBRIDGE_REQUIRE_SERVICES=1 and {message}", pytrace=False)
-        pytest.skip(message)
-    return found
-
-
-def set_directive(conf: str, name: str, value: str) -> str:
-    """Set a directive of broker/mosquitto.conf, enabling it when it is commented out."""
-    conf, count = re.subn(rf"^#?{name} .*$", f"{name} {value}", conf, count=1, flags=re.M)
-    assert count == 1, f"broker/mosquitto.conf has no {name} directive"
-    return conf
+    return require_binary(found, name)
 
 
 def write_passwords(path: Path, users: dict[str, str]) -> None:
@@ -98,3 +85,13 @@ def redis_acl_from_compose(prefix: str) -> str:
     content = re.sub(r"\$\{(\w+):\?[^}]*\}", lambda m: PASSWORDS[m.group(1)], content)
     assert "${" not in content
     return str(content).replace("~iotbridge:", f"~{prefix}:")
+
+
+def redis_with_compose_acl(workdir: Path, prefix: str) -> Service:
+    """A redis-server (not started) with the users of compose.yaml's ACL, keys under `prefix`."""
+    acl = workdir / "users.acl"
+    acl.write_text(redis_acl_from_compose(prefix))
+    server = redis_service(workdir / "redis", None, "--aclfile", str(acl))
+    if server is None:
+        missing("redis-server")
+    return server

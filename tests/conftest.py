@@ -11,16 +11,14 @@ from typing import Any
 import pytest
 
 from config.settings import Settings
-from tests.services import Service, amqtt_service, mosquitto_service, redis_service
-
-REQUIRE_SERVICES = os.environ.get("IOTBRIDGE_REQUIRE_SERVICES") == "1"
-
-
-def _missing(what: str) -> None:
-    message = f"{what} is not available: install it, or set its IOTBRIDGE_TEST_* URL"
-    if REQUIRE_SERVICES:
-        pytest.fail(f"IOTBRIDGE_REQUIRE_SERVICES=1 and {message}", pytrace=False)
-    pytest.skip(message)
+from tests.services import (
+    REQUIRE_SERVICES,
+    Service,
+    amqtt_service,
+    missing,
+    mosquitto_service,
+    redis_service,
+)
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +34,7 @@ def redis_url(services_dir: Path) -> Iterator[str]:
         return
     service = redis_service(services_dir / "redis")
     if service is None:
-        _missing("redis-server")
+        missing("redis-server (or IOTBRIDGE_TEST_REDIS_URL)")
         return
     service.start()
     yield f"redis://127.0.0.1:{service.port}/0"
@@ -53,7 +51,7 @@ def mqtt_broker(services_dir: Path) -> Iterator[tuple[str, str]]:
     protocol = "5"
     if service is None:
         if REQUIRE_SERVICES:
-            _missing("mosquitto")
+            missing("mosquitto")
         service, protocol = amqtt_service(services_dir / "amqtt"), "3.1.1"
     service.start()
     yield f"mqtt://127.0.0.1:{service.port}", protocol

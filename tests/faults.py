@@ -22,19 +22,25 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client.parser import text_string_to_metric_families
 
 from simulators.audit import Pair, SeqSet, read_stream
-from tests.services import Service, free_port, http_get, mosquitto_binary, redis_service, wait_until
+from tests.services import (
+    Service,
+    free_port,
+    http_get,
+    missing,
+    mosquitto_binary,
+    redis_service,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC = "plant/s1/l1/{asset}/telemetry"  # the shipped default route, on a broker of the test's own
 ASSET_LEVEL = 3
-REQUIRE_SERVICES = os.environ.get("IOTBRIDGE_REQUIRE_SERVICES") == "1"
 CLOCK_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
@@ -50,12 +56,6 @@ def payload(seq: int, ts: float | None = None) -> bytes:
     ).encode()
 
 
-def _missing(what: str) -> None:
-    if REQUIRE_SERVICES:
-        pytest.fail(f"IOTBRIDGE_REQUIRE_SERVICES=1 and {what} is not installed", pytrace=False)
-    pytest.skip(f"{what} is not installed")
-
-
 # --- servers --------------------------------------------------------------------------------------
 
 
@@ -64,7 +64,7 @@ def mosquitto(workdir: Path, *conf: str, port: int | None = None) -> Service:
     `max_queued_messages` unless asked for, so mosquitto's default (1,000) applies."""
     binary = mosquitto_binary()
     if binary is None:
-        _missing("mosquitto")
+        missing("mosquitto")
     assert binary is not None
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def redis(workdir: Path, *extra: str) -> Service:
     """A redis-server of the test's own, its files in `workdir` (its --dir)."""
     service = redis_service(workdir, None, *extra)
     if service is None:
-        _missing("redis-server")
+        missing("redis-server")
     assert service is not None
     return service
 

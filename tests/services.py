@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,6 +21,34 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+REQUIRE_SERVICES = os.environ.get("IOTBRIDGE_REQUIRE_SERVICES") == "1"
+
+
+def missing(what: str) -> NoReturn:
+    """Skip the test for want of `what`; under IOTBRIDGE_REQUIRE_SERVICES=1 (CI) fail it instead."""
+    message = f"{what} is not installed"
+    if REQUIRE_SERVICES:
+        pytest.fail(f"IOTBRIDGE_REQUIRE_SERVICES=1 and {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def require(binary: str | None, what: str) -> str:
+    """`binary` (a path), or the test skipped (failed in CI) for want of `what`."""
+    if binary is None:
+        missing(what)
+    return binary
+
+
+def set_directive(conf: str, name: str, value: str) -> str:
+    """Set a directive of a mosquitto.conf text, enabling it when it is commented out."""
+    conf, count = re.subn(rf"^#?{name} .*$", f"{name} {value}", conf, count=1, flags=re.M)
+    if count != 1:
+        raise ValueError(f"the configuration has no {name} directive")
+    return conf
 
 
 def free_port() -> int:

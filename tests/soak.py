@@ -42,7 +42,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import statistics
@@ -68,6 +67,7 @@ from tests.services import (
     http_get,
     mosquitto_binary,
     redis_service,
+    set_directive,
     wait_until,
 )
 
@@ -207,14 +207,6 @@ def _required(binary: str | None, what: str) -> str:
     return binary
 
 
-def _set_directive(conf: str, name: str, value: str) -> str:
-    """Set a directive of broker/mosquitto.conf, enabling it when it is commented out."""
-    conf, count = re.subn(rf"^#?{name} .*$", f"{name} {value}", conf, count=1, flags=re.M)
-    if count != 1:
-        raise RuntimeError(f"broker/mosquitto.conf has no {name} directive")
-    return conf
-
-
 def shipped_mosquitto(workdir: Path) -> Service:
     """broker/mosquitto.conf as compose runs it (password and ACL files enabled), with what a test
     must change: a loopback port, the data directory, and the user when run as root."""
@@ -233,12 +225,12 @@ def shipped_mosquitto(workdir: Path) -> Service:
     (workdir / "data").mkdir(exist_ok=True)
     port = free_port()
     conf = (ROOT / "broker" / "mosquitto.conf").read_text()
-    conf = _set_directive(conf, "listener", f"{port} 127.0.0.1")
-    conf = _set_directive(conf, "password_file", str(passwd))
-    conf = _set_directive(conf, "acl_file", str(ROOT / "broker" / "acl"))
-    conf = _set_directive(conf, "persistence_location", f"{workdir / 'data'}/")
+    conf = set_directive(conf, "listener", f"{port} 127.0.0.1")
+    conf = set_directive(conf, "password_file", str(passwd))
+    conf = set_directive(conf, "acl_file", str(ROOT / "broker" / "acl"))
+    conf = set_directive(conf, "persistence_location", f"{workdir / 'data'}/")
     if os.geteuid() == 0:  # mosquitto would drop to user mosquitto, who cannot write here
-        conf = _set_directive(conf, "user", "root")
+        conf = set_directive(conf, "user", "root")
     path = workdir / "mosquitto.conf"
     path.write_text(conf)
     return Service("mosquitto", [binary, "-c", str(path)], port, workdir)

@@ -24,7 +24,16 @@ from prometheus_client import CollectorRegistry
 
 from broker.embedded import EmbeddedBroker
 from config.settings import Settings
-from tests.services import Service, free_port, http_get, mosquitto_binary, port_open, wait_until
+from tests.services import (
+    Service,
+    free_port,
+    http_get,
+    mosquitto_binary,
+    port_open,
+    require,
+    set_directive,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -231,22 +240,6 @@ def test_embedded_broker_fails_on_a_busy_port(tmp_path: Path) -> None:
 
 
 # --- broker/mosquitto.conf in a real mosquitto -----------------------------------------------
-
-
-def require(binary: str | None, what: str) -> str:
-    if binary is None:
-        message = f"{what} is not installed"
-        if os.environ.get("IOTBRIDGE_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"IOTBRIDGE_REQUIRE_SERVICES=1 and {message}", pytrace=False)
-        pytest.skip(message)
-    return binary
-
-
-def set_directive(conf: str, name: str, value: str) -> str:
-    """Replace the directive `name` (active or commented out) with `name value`."""
-    conf, count = re.subn(rf"^#?{name} .*$", f"{name} {value}", conf, count=1, flags=re.MULTILINE)
-    assert count == 1, f"{name} is not in {MOSQUITTO_CONF}"
-    return conf
 
 
 def shipped_conf_for_test(tmp_path: Path, port: int, credentials: tuple[str, str]) -> Path:

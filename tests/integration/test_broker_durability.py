@@ -13,8 +13,8 @@ import redis
 from config.keys import Keys
 from config.settings import Settings
 from tests.clients import Publisher, running_bridge, sample, telemetry, wait_for
-from tests.integration.test_broker import require, shipped_conf_for_test
-from tests.services import Service, free_port, mosquitto_binary
+from tests.integration.test_broker import shipped_conf_for_test
+from tests.services import Service, free_port, mosquitto_binary, require
 
 pytestmark = pytest.mark.integration
 

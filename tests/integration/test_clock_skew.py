@@ -22,9 +22,8 @@ import redis as redis_py
 
 from config.keys import Keys
 from tests.faults import Bridge, TrackedPublisher, mosquitto, payload, redis, topic
-from tests.integration.test_broker import require
 from tests.integration.test_worker import ROUTE, telemetry
-from tests.services import Service, free_port, http_get, wait_until
+from tests.services import Service, free_port, http_get, require, wait_until
 
 pytestmark = pytest.mark.integration
 

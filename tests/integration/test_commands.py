@@ -14,8 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from config.settings import Settings
-from tests.conftest import REQUIRE_SERVICES
-from tests.services import free_port, http_get, wait_until
+from tests.services import REQUIRE_SERVICES, free_port, http_get, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,6 @@ import base64
 import contextlib
 import http.client
 import os
-import shutil
 import ssl
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter
 from config.settings import HttpSettings
 from observability.http import HealthServer
 from observability.render import Prometheus
-from tests.faults import REQUIRE_SERVICES
+from tests.compose_config import require
 from tests.services import Service, free_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -225,16 +224,7 @@ def test_the_password_is_in_no_response_log_or_command_line(secured: Secured) ->
 
 
 def _prometheus_binary() -> str:
-    found = shutil.which("prometheus") or next(
-        (p for p in ("/usr/bin/prometheus",) if Path(p).exists()), None
-    )
-    if found is None:
-        if REQUIRE_SERVICES:
-            pytest.fail(
-                "IOTBRIDGE_REQUIRE_SERVICES=1 and prometheus is not installed", pytrace=False
-            )
-        pytest.skip("prometheus is not installed")
-    return found
+    return require("prometheus", "/usr/bin/prometheus")
 
 
 def documented_job() -> dict[str, Any]:

@@ -41,10 +41,10 @@ from observability.render import (
 from tests.compose_config import (
     PASSWORDS,
     mosquitto_as_compose_runs_it,
-    redis_acl_from_compose,
+    redis_with_compose_acl,
     require,
 )
-from tests.services import Service, free_port, http_get, redis_service, wait_until
+from tests.services import Service, free_port, http_get, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -140,12 +140,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
     services: list[Service] = []
     bad_device: BadDevice | None = None
     try:
-        acl = workdir / "users.acl"
-        acl.write_text(redis_acl_from_compose(prefix))
-        redis_server = redis_service(workdir / "redis", None, "--aclfile", str(acl))
-        if redis_server is None:
-            require("redis-server")
-            return
+        redis_server = redis_with_compose_acl(workdir, prefix)
         services.append(redis_server.start())
         mqtt_port = free_port()
         services.append(mosquitto_as_compose_runs_it(workdir / "mosquitto", mqtt_port).start())

@@ -35,11 +35,10 @@ from tests.compose_config import (
     REDIS_PASSWORDS,
     ROOT,
     mosquitto_as_compose_runs_it,
-    redis_acl_from_compose,
-    require,
+    redis_with_compose_acl,
 )
 from tests.faults import Bridge, rows
-from tests.services import Service, free_port, http_get, port_open, redis_service, wait_until
+from tests.services import Service, free_port, http_get, port_open, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -131,12 +130,7 @@ def plant(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plant]:
     services: list[Service] = []
     bridge: Bridge | None = None
     try:
-        acl = workdir / "users.acl"
-        acl.write_text(redis_acl_from_compose(prefix))
-        redis_server = redis_service(workdir / "redis", None, "--aclfile", str(acl))
-        if redis_server is None:
-            require("redis-server")
-            return
+        redis_server = redis_with_compose_acl(workdir, prefix)
         services.append(redis_server.start())
 
         mqtt_port, tls_port = free_port(), free_port()

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_broker import require
-from tests.services import mosquitto_binary, redis_binary
+from tests.services import mosquitto_binary, redis_binary, require
 from tests.soak import FAULT_KINDS, SoakReport, run_soak
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from observability import metrics
 from observability.render import KEY_PANELS, OVERVIEW, panels
-from tests.conftest import REQUIRE_SERVICES
+from tests.services import REQUIRE_SERVICES
 
 ROOT = Path(__file__).parents[2]
 PROMETHEUS = ROOT / "observability" / "prometheus"
