@@ -45,11 +45,12 @@ _DRAIN_PER_PASS = 8
 
 @dataclass(slots=True, eq=False)
 class _Batch:
-    """Messages taken from `pending` together, and their Redis write while it runs (None: not
-    sent, or it failed and the batch is to be stored again)."""
+    """Messages taken from `pending` together; their Redis write while it runs; its result once
+    Redis stored them (acknowledged in their turn). Neither: held, to be stored again."""
 
     items: list[Pending]
     write: asyncio.Task[tuple[list[int], float]] | None
+    result: tuple[list[int], float] | None = None
 
 
 class BridgeApp:
@@ -79,6 +80,8 @@ class BridgeApp:
         self._arrived = asyncio.Event()
         self._backoff = Backoff(settings.backoff)
         self._retry_at = 0.0  # monotonic time before which Redis is not tried again
+        self._spool_backoff = Backoff(settings.backoff)
+        self._spool_retry_at = 0.0  # the same for a full spool
         self.redis_ok = False
         self.metrics.in_flight.set_function(self.in_flight)
         self.metrics.oldest_unacked_age.set_function(self.oldest_unacked_age_s)
@@ -152,28 +155,35 @@ class BridgeApp:
                 self._send_batches()
                 if self.batches:
                     await self._settle(self.batches[0])
-                elif self.spooling and not stop.is_set():
+                if self._may_drain(stop):
                     await self._drain_spool()
                 await self._wait_for_work(stop)
         finally:
-            for batch in self.batches:
-                if batch.write is not None:
-                    batch.write.cancel()
+            writes = [b.write for b in self.batches if b.write is not None]
+            for write in writes:
+                write.cancel()
+            await asyncio.gather(*writes, return_exceptions=True)
 
     @property
     def _direct(self) -> bool:
         """Batches go straight to Redis: nothing older waits in the spool, no retry is due."""
         return not self.spooling and time.monotonic() >= self._retry_at
 
+    def _may_drain(self, stop: asyncio.Event) -> bool:
+        """The spool drains whenever nothing is on its way to Redis beside it (which would
+        overtake it): also while a batch is held for want of spool space, which the drain frees."""
+        return self.spooling and not stop.is_set() and all(b.write is None for b in self.batches)
+
     def _send_batches(self) -> None:
         """Start the Redis writes of the next batches, up to `batch.pipeline` in flight. A batch
-        that is not full waits while another is in flight, so batches stay large; while Redis
-        is failing, one batch at a time is stored (Redis, spool, or held) by `_settle`."""
+        that is not full waits while another is in flight, so batches stay large. Behind a batch
+        whose write failed nothing new is sent: it is stored again first (Redis, spool, or held)
+        by `_settle`, one batch at a time, so entries keep their order."""
         limits = self.settings.bridge.batch
         while self.pending and len(self.batches) < limits.pipeline:
             if self.batches and (
                 len(self.pending) < limits.max_size
-                or self.batches[-1].write is None
+                or any(b.write is None for b in self.batches)
                 or not self._direct
             ):
                 return
@@ -187,46 +197,62 @@ class BridgeApp:
     async def _settle(self, batch: _Batch) -> None:
         """Finish the oldest batch: its Redis write's outcome, or storing it again after a failure.
         Acknowledged, in order, only once stored."""
-        if batch.write is None:
-            if await self._store(batch.items):
-                self.batches.popleft()
-            return
-        write, batch.write = batch.write, None
-        try:
-            written, duration = await write
-        except SinkUnavailable as exc:
-            # Batches sent behind it fail with it (one outage): count the outage once.
-            if self.redis_ok or self._backoff.attempts == 0:
+        if batch.write is not None:
+            write, batch.write = batch.write, None
+            try:
+                batch.result = await write
+            except SinkUnavailable as exc:
                 self._redis_failed(exc)
-            else:
-                self.metrics.write_errors.labels(_kind(exc)).inc()
-            return  # stored again (Redis or spool) once its retry is due
-        self._stored(batch.items, written, duration)
-        self.batches.popleft()
+                await self._settle_followers()
+                return  # stored again (Redis or spool) once its retry is due
+            self._redis_succeeded()
+        if batch.result is not None:
+            self._written(batch.items, *batch.result)
+            self.batches.popleft()
+        elif await self._store(batch.items):
+            self.batches.popleft()
 
-    def _stored(self, batch: list[Pending], written: list[int], duration: float) -> None:
-        self._redis_succeeded()
+    async def _settle_followers(self) -> None:
+        """The oldest write failed: wait for those sent behind it. What Redis stored is kept, to
+        be acknowledged in its turn; the rest is held, to be stored again. Their failures are the
+        same outage: counted as failed writes, not as another reconnect."""
+        for batch in list(self.batches)[1:]:
+            if batch.write is None:
+                continue
+            write, batch.write = batch.write, None
+            try:
+                batch.result = await write
+            except SinkUnavailable as exc:
+                self.metrics.write_errors.labels(_kind(exc)).inc()
+
+    def _written(self, batch: list[Pending], written: list[int], duration: float) -> None:
         self.metrics.xadd_duration.observe(duration)
         self.metrics.batch_size.observe(len(batch))
         self._acknowledge(batch, written)
 
     async def _wait_for_work(self, stop: asyncio.Event) -> None:
         """Return at once when there is work that can be done now; otherwise sleep until there
-        is (a message arrives, the retry delay passes, or stop)."""
+        is (a message arrives, a retry delay passes, or stop). Every retry waits for its backoff
+        delay, so nothing here can spin."""
         now = time.monotonic()
-        retry_due = now >= self._retry_at
         if self.batches:
-            if self.batches[0].write is not None or retry_due:
+            head = self.batches[0]
+            if head.write is not None or head.result is not None:
                 return
-            # A held batch waits out its retry delay even while stopping (the grace period bounds
-            # the shutdown), so nothing here can spin.
-            await asyncio.sleep(self._retry_at - now)
+            # Held: stored again once Redis may be tried (directly, or by draining the spool
+            # in front of it) or the spool may be tried. This holds while stopping too: the
+            # grace period bounds the shutdown.
+            due = [self._spool_retry_at] if self.spool is not None else []
+            if not self.spooling or not stop.is_set():
+                due.append(self._retry_at)
+            if min(due) > now:
+                await asyncio.sleep(min(due) - now)
             return
         if self.pending:
             return
         timeout: float | None = None
         if self.spooling and not stop.is_set():
-            if retry_due:
+            if now >= self._retry_at:
                 return
             timeout = self._retry_at - now
         self._arrived.clear()
@@ -237,7 +263,7 @@ class BridgeApp:
             pass
 
     async def _store(self, batch: list[Pending]) -> bool:
-        """Store a batch in Redis or the spool and acknowledge it; False when it must wait."""
+        """Store a held batch in Redis or the spool and acknowledge it; False when it must wait."""
         appends = [p.append for p in batch if p.append is not None]
         if self._direct:
             try:
@@ -245,16 +271,18 @@ class BridgeApp:
             except SinkUnavailable as exc:
                 self._redis_failed(exc)
             else:
-                self._stored(batch, written, duration)
+                self._redis_succeeded()
+                self._written(batch, written, duration)
                 return True
-        if self.spool is not None:
+        if self.spool is not None and time.monotonic() >= self._spool_retry_at:
             try:
                 await asyncio.to_thread(self.spool.append, appends)
             except SpoolFull:
+                # Its own delay: the Redis retry timer drives the drain that makes room.
                 self.metrics.spool_full.inc()
-                if self._retry_at <= time.monotonic():
-                    self._retry_at = time.monotonic() + self._backoff.next_delay()
+                self._spool_retry_at = time.monotonic() + self._spool_backoff.next_delay()
                 return False
+            self._spool_backoff.reset()
             self._acknowledge(batch, None)
             return True
         return False

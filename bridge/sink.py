@@ -211,6 +211,7 @@ class RedisSink:
         self._conn: Connection | None = None
         self._connecting = asyncio.Lock()
         self._turn: asyncio.Future[None] | None = None  # the last caller's: done once it has read
+        self._generation = 0  # of the connection: a new one, or a dropped one, moves it on
 
     @property
     def client(self) -> aioredis.Redis:
@@ -268,15 +269,19 @@ class RedisSink:
                 if self._conn is None:
                     pool = self._redis.connection_pool
                     self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                    self._generation += 1
                 conn = self._conn
+        generation = self._generation
         previous, turn = self._turn, asyncio.get_running_loop().create_future()
         self._turn = turn
         try:
             await conn.send_packed_command(command, check_health=False)
             if previous is not None:
-                await previous
-            # An earlier caller's failure dropped the connection: this reply is lost with it.
-            lost = conn is not self._conn
+                # Shielded: cancelling this caller must not cancel the turn of the one before.
+                await asyncio.shield(previous)
+            # An earlier caller's failure dropped the connection (the same object may be back
+            # from the pool, reconnected): this reply is lost with it.
+            lost = generation != self._generation or self._conn is None
             reply = None if lost else await conn.read_response()
         except ResponseError:
             raise  # an error reply (NOSCRIPT, OOM) was read whole: the connection is still in step
@@ -284,7 +289,8 @@ class RedisSink:
             await self._drop(conn)
             raise
         finally:
-            turn.set_result(None)
+            if not turn.done():
+                turn.set_result(None)
         if reply is None:  # lost
             raise RedisConnectionError("the connection failed before this reply was read")
         return list(reply)
@@ -292,6 +298,7 @@ class RedisSink:
     async def _drop(self, conn: Connection) -> None:
         if conn is self._conn:
             self._conn = None
+            self._generation += 1
             await conn.disconnect()
             await self._redis.connection_pool.release(conn)
 

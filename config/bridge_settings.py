@@ -71,7 +71,9 @@ class RetentionSettings(Section):
 
 class ContractField(Section):
     type: Literal["number", "integer", "boolean", "string"] = Field(
-        "number", description="JSON type of the value; numbers must be finite."
+        "number",
+        description="JSON type of the value; numbers must be finite, integers within "
+        "+/-(2**53 - 1) (exact as the float every value is stored and read as).",
     )
     unit: str | None = Field(None, description="Unit of the value, for people (e.g. degC, bar).")
     required: bool = Field(True, description="The value must be present in every message.")
@@ -88,6 +90,10 @@ class ContractField(Section):
             raise ValueError("enum applies to string fields only")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError("min must be <= max")
+        if self.type == "integer" and any(
+            bound is not None and not float(bound).is_integer() for bound in (self.min, self.max)
+        ):
+            raise ValueError("min and max of an integer field must be whole numbers")
         return self
 
 

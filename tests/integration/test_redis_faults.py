@@ -106,3 +106,38 @@ async def test_client_pause_write_three_times_loses_nothing(
         print(
             f"{phase} the pauses: publish-to-write p99 {values[int(0.99 * len(values))] * 1000:.1f} ms"
         )
+
+
+async def test_a_full_spool_holds_its_acks_and_everything_drains_once_redis_is_back(
+    make_settings: Callable[..., Settings],
+    mqtt_url: str,
+    unique: str,
+    own_redis: Service,
+    tmp_path: Path,
+) -> None:
+    """Redis away and the spool full: the bridge holds the acks (the broker keeps the rest);
+    once Redis is back the spool drains, the held batch follows, and nothing is lost."""
+    spool = {"dir": str(tmp_path / "spool"), "max_bytes": 20_000, "segment_bytes": 4_000}
+    settings = make_settings(redis={"url": f"redis://127.0.0.1:{own_redis.port}/0", "key_prefix": unique,
+                                    "socket_timeout_s": 0.5, "connect_timeout_s": 0.5},
+                             backoff={"max_s": 0.5},
+                             bridge={"spool": spool, "batch": {"max_size": 10}})  # fmt: skip
+    publisher = Publisher(mqtt_url, f"{unique}-pub", settings.mqtt.protocol)
+    async with running_bridge(settings) as app:
+        own_redis.stop()
+        for n in range(300):  # about 90 KB: far more than the spool holds
+            publisher.publish(f"{unique}/plant/s1/l1/a{n % 10}/telemetry", telemetry(n // 10))
+        await wait_for(lambda: sample(app, "iotbridge_bridge_spool_full_total") >= 2, 30,
+                       "the spool full, its append retried")  # fmt: skip
+        assert app.spool is not None
+        assert 0 < app.spool.entries < 300  # batches of 10: some spooled and acked ...
+        assert app.in_flight() > 0  # ... the rest held, not acknowledged
+        own_redis.start()
+        await wait_for(lambda: sample(app, M + "forwarded_total", route="telemetry") == 300
+                       and app.spool is not None and app.spool.empty, 30,
+                       "the spool drained and every message written")  # fmt: skip
+    assert publisher.wait_acked() == 300
+    publisher.close()
+    db = redis.Redis(port=own_redis.port, decode_responses=True)
+    rows = {(f["asset"], f["seq"]) for _, f in db.xrange(Keys(unique).telemetry("telemetry"))}
+    assert len(rows) == 300

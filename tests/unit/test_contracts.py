@@ -149,3 +149,8 @@ def test_undeclared_values_can_be_allowed_as_finite_numbers() -> None:
                 b'{"ts": 5, "seq": 1, "values": {"t": 1, "x": %b}}' % undeclared, "a", 1000
             )
         assert caught.value.reason == "schema"
+
+
+def test_an_integer_field_with_a_fractional_bound_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match="whole numbers"):
+        ContractSettings.model_validate({"values": {"n": {"type": "integer", "min": 0.5}}})
