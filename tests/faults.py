@@ -127,10 +127,8 @@ class Bridge:
         protocol: str = "5",
         spool_dir: Path | None = None,
         env: dict[str, str] | None = None,
-        wrapper: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
-        self.wrapper = list(wrapper)  # a command the bridge runs under, such as faketime
         self.port = free_port()
         self.name = name
         self.env = {
@@ -168,7 +166,7 @@ class Bridge:
         with self.log_path.open("ab") as log:
             log.write(f"--- start {self.starts}\n".encode())
             self.proc = subprocess.Popen(
-                [*self.wrapper, sys.executable, "-m", "bridge.cli", "bridge"],
+                [sys.executable, "-m", "bridge.cli", "bridge"],
                 env={**os.environ, **self.env},
                 cwd=ROOT,
                 stdout=log,

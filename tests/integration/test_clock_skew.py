@@ -10,8 +10,9 @@
 
 from __future__ import annotations
 
+import glob
 import json
-import shutil
+import os
 import subprocess
 import sys
 import time
@@ -30,14 +31,20 @@ pytestmark = pytest.mark.integration
 M = "iotbridge_bridge_messages_"
 
 
-def faketime(skew: str) -> list[str]:
-    return [require(shutil.which("faketime"), "faketime (Debian package faketime)"), "-f", skew]
+def faketime(skew: str) -> dict[str, str]:
+    """The environment that runs a process on a skewed clock: libfaketime (Debian package
+    faketime) preloaded into the process itself, which then is still stopped by its own PID
+    (the `faketime` command would fork it as a child)."""
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    library = require(found[0] if found else None, "libfaketime (Debian package faketime)")
+    return {"LD_PRELOAD": library, "FAKETIME": skew}
 
 
 def test_faketime_moves_the_clock_of_a_python_process() -> None:
     """The premise of the tests below (a control): the process's wall clock is two days ahead."""
-    out = subprocess.run([*faketime("+2d"), sys.executable, "-c", "import time; print(time.time())"],
-                         capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", "import time; print(time.time())"],
+                         env={**os.environ, **faketime("+2d")}, capture_output=True, text=True,
+                         timeout=30, check=True).stdout  # fmt: skip
     assert float(out) - time.time() == pytest.approx(2 * 86_400, abs=60)
 
 
@@ -49,7 +56,7 @@ def test_device_time_is_judged_by_the_gateway_clock(
     db = redis(tmp_path / "redis").start()
     bridge = Bridge(tmp_path / "bridge", mqtt_url=f"mqtt://127.0.0.1:{broker.port}",
                     redis_url=f"redis://127.0.0.1:{db.port}/0", name=unique,
-                    wrapper=faketime(skew))  # fmt: skip
+                    env=faketime(skew))  # fmt: skip
     publisher = None
     try:
         bridge.start()
@@ -99,8 +106,9 @@ def test_a_worker_two_hours_ahead_takes_its_shards_and_flags_only_the_silent_ass
         "IOTBRIDGE_WORKER__BLOCK_MS": "200",
         "IOTBRIDGE_WORKER__DETECTORS__STALENESS": json.dumps([{"silent_s": 2.0}]),
         "IOTBRIDGE_WORKER__DETECTORS__TICK_S": "0.1",
+        **faketime("+2h"),
     }
-    argv = [*faketime("+2h"), sys.executable, "-m", "bridge.cli", "worker"]
+    argv = [sys.executable, "-m", "bridge.cli", "worker"]
     worker = Service("worker", argv, port, tmp_path / "worker", env)
     keys = Keys(unique)
     client = redis_py.Redis(port=db.port, decode_responses=True)
