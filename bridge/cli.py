@@ -8,6 +8,7 @@ Components are imported inside their command so `check-config` starts fast.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import sys
@@ -77,6 +78,11 @@ def _run(
     own = getattr(settings, section)
     host, port = own.metrics_host, own.metrics_port
     readiness_gauge(registry, section, component.readiness)
+    # What exists by now (modules, settings, compiled contracts) lives as long as the process:
+    # frozen out of the collector's reach, so a full collection scans only what came after.
+    # Measured in the bridge: full collections of 50-107 ms, each a stall of every message.
+    gc.collect()
+    gc.freeze()
     try:
         asyncio.run(
             serve(
