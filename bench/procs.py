@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,18 +28,12 @@ BENCH = ROOT / "bench"
 SHARED_GROUP = "bench"
 # What `python -m bridge.cli bridge` imports from the repository.
 PACKAGES = ("bridge", "config", "observability")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The integration tests' server helpers, imported by name so that `mypy bench` checks bench only.
 services = importlib.import_module("tests.services")
 free_port, wait_until = services.free_port, services.wait_until
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (all its threads), from /proc/<pid>/stat."""
-    data = Path(f"/proc/{pid}/stat").read_text()
-    fields = data[data.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+# User + system CPU of a process (all its threads), from /proc/<pid>/stat.
+cpu_seconds = importlib.import_module("tests.faults").cpu_s
 
 
 @dataclass
@@ -53,6 +46,7 @@ class Proc:
     log: Path
     cwd: Path = ROOT
     metrics_port: int | None = None  # a bridge: ready when /readyz answers 200
+    client_id: str = ""  # a subject's MQTT client id: its session is cleared after the run
     popen: subprocess.Popen[bytes] | None = None
     starts: int = 0  # the baseline prints `ready` once per start
 
@@ -75,12 +69,8 @@ class Proc:
             raise RuntimeError(f"{self.name} exited: {self.tail()}")
         if self.metrics_port is None:
             return self.log.read_text(errors="replace").count("ready") >= self.starts
-        try:
-            url = f"http://127.0.0.1:{self.metrics_port}/readyz"
-            with urllib.request.urlopen(url, timeout=0.5) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
+        status, _ = services.http_get(self.metrics_port, "/readyz", 0.5)
+        return bool(status == 200)
 
     def terminate(self) -> None:
         """One SIGTERM: a second one would make the bridge exit without draining."""
@@ -123,18 +113,21 @@ def subject_procs(
     """The subject's processes; a bridge runs from `code` (its working directory comes first on
     sys.path, before the editable install's finder)."""
     if subject == "baseline":
+        client_id = f"{prefix}-0"
         argv = [sys.executable, str(BENCH / "baseline.py"), "--mqtt-url", mqtt_url,
-                "--redis-url", redis_url, "--prefix", prefix, "--client-id", f"{prefix}-0"]  # fmt: skip
-        return [Proc("baseline", argv, dict(os.environ), workdir / f"{prefix}-0.log")]
+                "--redis-url", redis_url, "--prefix", prefix, "--client-id", client_id]  # fmt: skip
+        return [Proc("baseline", argv, dict(os.environ), workdir / f"{prefix}-0.log",
+                     client_id=client_id)]  # fmt: skip
     count = {"bridge": 1, "bridge2": 2}[subject]
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("IOTBRIDGE_")}
     procs = []
     for index in range(count):
         port = free_port()
+        client_id = f"{prefix}-{index}"
         env = base_env | {
             "IOTBRIDGE_MQTT__URL": mqtt_url,
             "IOTBRIDGE_MQTT__PROTOCOL": "5",
-            "IOTBRIDGE_MQTT__CLIENT_ID": f"{prefix}-{index}",
+            "IOTBRIDGE_MQTT__CLIENT_ID": client_id,
             "IOTBRIDGE_REDIS__URL": redis_url,
             "IOTBRIDGE_REDIS__KEY_PREFIX": prefix,
             "IOTBRIDGE_BRIDGE__METRICS_PORT": str(port),
@@ -145,7 +138,8 @@ def subject_procs(
         env |= bridge_env or {}
         argv = [sys.executable, "-m", "bridge.cli", "bridge"]
         log = workdir / f"{prefix}-{index}.log"
-        procs.append(Proc(f"bridge-{index}", argv, env, log, cwd=code, metrics_port=port))
+        procs.append(Proc(f"bridge-{index}", argv, env, log, cwd=code, metrics_port=port,
+                          client_id=client_id))  # fmt: skip
     return procs
 
 
@@ -168,11 +162,10 @@ def stop_all(procs: list[Proc]) -> list[int | None]:
 def counters(proc: Proc) -> dict[str, int]:
     """The bridge process's own account, from its /metrics: messages received, forwarded,
     rejected, duplicate, dropped (each summed over its labels)."""
-    url = f"http://127.0.0.1:{proc.metrics_port}/metrics"
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            text = response.read().decode()
-    except OSError:
+    if proc.metrics_port is None:
+        return {}
+    status, text = services.http_get(proc.metrics_port, "/metrics", 2)
+    if status != 200:
         return {}  # a diagnostic only: the stream itself is what the check counts
     totals: dict[str, int] = {}
     for line in text.splitlines():

@@ -9,7 +9,6 @@ import datetime as dt
 import math
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 from dataclasses import dataclass, field
@@ -217,7 +216,7 @@ def code_version(snapshot_hash: str) -> str:
     return f"unknown commit; the bridges ran from a copy, sha256 {snapshot_hash}"
 
 
-def versions(mosquitto: str) -> str:
+def versions(mosquitto: str, redis_server: str) -> str:
     def first_line(argv: list[str]) -> str:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             out = subprocess.run(argv, capture_output=True, timeout=10, check=False)
@@ -227,7 +226,7 @@ def versions(mosquitto: str) -> str:
     from importlib.metadata import version
 
     mosq = first_line([mosquitto, "-h"])
-    rds = first_line([shutil.which("redis-server") or "redis-server", "--version"])
+    rds = first_line([redis_server, "--version"])
     return f"{mosq}; {rds}; paho-mqtt {version('paho-mqtt')}, redis-py {version('redis')}"
 
 

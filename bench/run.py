@@ -24,7 +24,6 @@ measured in the same run. Every wait is bounded; only loopback addresses are use
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import math
@@ -33,9 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -76,6 +75,7 @@ from bench.results import (  # noqa: E402
     write_results,
 )
 from config.keys import Keys  # noqa: E402
+from simulators import audit  # noqa: E402
 
 ROUTE = "telemetry"  # the default route: plant/{site}/{line}/{asset}/telemetry
 POLL_S = 0.005  # XLEN poll while draining: well under 1 % of a drain window
@@ -218,20 +218,15 @@ def read_stream(
     """(asset, seq) counts of every entry; latencies (ms) of the entries of the live phase."""
     pairs: Counter[tuple[str, int]] = Counter()
     latencies = []
-    cursor = "-"
-    for _ in range(100_000):  # bounded: 1,000 entries a page
-        page = cast(list[tuple[bytes, dict[bytes, bytes]]],
-                    r.xrange(stream, min=cursor, max="+", count=1000))  # fmt: skip
-        if not page:
-            break
-        for entry_id, fields in page:
-            seq = int(fields[b"seq"])
-            pairs[(fields[b"asset"].decode(), seq)] += 1
-            if seq >= live_from_seq:
-                # An id carries whole milliseconds, floored: +0.5 centres the estimate (+-0.5 ms).
-                added_ms = int(entry_id.split(b"-")[0]) + 0.5
-                latencies.append(added_ms - float(fields[b"ts"]) * 1000)
-        cursor = "(" + page[-1][0].decode()  # exclusive: the page after the last entry
+    # The client is not decode_responses: ids, keys and values are bytes.
+    entries = cast(Iterator[tuple[bytes, dict[bytes, bytes]]], audit.read_stream(r, stream, 1000))
+    for entry_id, fields in entries:
+        seq = int(fields[b"seq"])
+        pairs[(fields[b"asset"].decode(), seq)] += 1
+        if seq >= live_from_seq:
+            # An id carries whole milliseconds, floored: +0.5 centres the estimate (+-0.5 ms).
+            added_ms = int(entry_id.split(b"-")[0]) + 0.5
+            latencies.append(added_ms - float(fields[b"ts"]) * 1000)
     latencies.sort()
     return pairs, latencies
 
@@ -269,15 +264,14 @@ def run_subject(subject: str, plan: Plan, env: Env, round_no: int) -> Result:
             print(f"   --- {proc.name} log tail ---\n{proc.tail()}", flush=True)
             if proc.metrics_port is not None and proc.alive():
                 # The bridge's own account (received, forwarded, in flight) before it is stopped.
-                with contextlib.suppress(OSError):
-                    url = f"http://127.0.0.1:{proc.metrics_port}/metrics"
-                    with urllib.request.urlopen(url, timeout=2) as response:
-                        proc.log.with_suffix(".metrics").write_bytes(response.read())
+                status, body = services.http_get(proc.metrics_port, "/metrics", 2)
+                if status == 200:
+                    proc.log.with_suffix(".metrics").write_text(body)
     finally:
         codes = stop_all(procs)
         result.exit_codes = result.exit_codes or codes
         for proc in procs:
-            clear_session("127.0.0.1", env.mqtt_port, f"{prefix}-{proc.name.split('-')[-1]}")
+            clear_session("127.0.0.1", env.mqtt_port, proc.client_id)
         leftovers = list(env.r.scan_iter(match=f"{prefix}:*", count=1000))
         if leftovers:
             env.r.delete(*leftovers)
@@ -444,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         servers = [mosq.start(), red.start()]
         about = About(dt.datetime.now(dt.UTC), command, machine_note(), code_version(code_hash),
-                      versions(mosq.argv[0]))  # fmt: skip
+                      versions(mosq.argv[0], red.argv[0]))  # fmt: skip
         r = redis.Redis(host="127.0.0.1", port=red.port)
         env = Env(f"mqtt://127.0.0.1:{mosq.port}", mosq.port, f"redis://127.0.0.1:{red.port}/0",
                   red.pid, mosq.pid, r, workdir, uuid.uuid4().hex[:6], code)  # fmt: skip

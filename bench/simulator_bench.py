@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,25 +28,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.services import free_port, port_open, wait_until
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class Broker:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        conf = workdir / "mosquitto.conf"
-        user = "user root\n" if os.geteuid() == 0 else ""
-        conf.write_text(f"{user}listener {self.port} 127.0.0.1\nallow_anonymous true\n"
-                        "persistence false\nsys_interval 1\nmax_connections -1\nlog_dest none\n")  # fmt: skip
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], cwd=workdir)
-        wait_until(lambda: port_open(self.port), 10, "mosquitto")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
+from bench.procs import ROOT, services
 
 
 class BrokerCounter:
@@ -159,7 +140,12 @@ def main() -> None:
     todo = set(args.only or ["memory", "schedule", "qos0", "qos1"])
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as workdir:
-        broker = Broker(Path(workdir))
+        broker = services.mosquitto_service(
+            Path(workdir), extra_conf="sys_interval 1\nmax_connections -1\n"
+        )
+        if broker is None:
+            sys.exit("simulator_bench needs mosquitto (make services)")
+        broker.start()
         counter = BrokerCounter(broker.port)
         try:
             if todo & {"memory", "schedule"}:
@@ -175,32 +161,12 @@ def main() -> None:
                     "run_100": small,
                     "bytes_per_asset_rss": round(per_asset),
                 }
-            if "qos0" in todo:
-                results["qos0"] = [
-                    simulate(
-                        broker.port,
-                        counter,
-                        assets=60_000,
-                        rate=1.0,
-                        duration=20,
-                        qos=0,
-                        processes=p,
-                    )
-                    for p in sorted({1, args.processes})
-                ]
-            if "qos1" in todo:
-                results["qos1"] = [
-                    simulate(
-                        broker.port,
-                        counter,
-                        assets=40_000,
-                        rate=1.0,
-                        duration=20,
-                        qos=1,
-                        processes=p,
-                    )
-                    for p in sorted({1, args.processes})
-                ]
+            for key, assets, qos in (("qos0", 60_000, 0), ("qos1", 40_000, 1)):
+                if key in todo:
+                    results[key] = [
+                        simulate(broker.port, counter, assets=assets, rate=1.0, duration=20,
+                                 qos=qos, processes=p) for p in sorted({1, args.processes})
+                    ]  # fmt: skip
         finally:
             counter.close()
             broker.stop()

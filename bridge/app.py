@@ -72,9 +72,6 @@ class BridgeApp:
         self.spool = None if spool_dir is None else Spool(
             spool_dir, settings.bridge.spool.max_bytes, settings.bridge.spool.segment_bytes
         )  # fmt: skip
-        self._route_of = {
-            s: r for r in self.intake.route_names for s in self.keys.telemetry_streams(r)
-        }
         self.pending: deque[Pending] = deque()
         self.batches: deque[_Batch] = deque()  # taken from pending, not yet stored and acknowledged
         self._arrived = asyncio.Event()

@@ -40,8 +40,13 @@ def _bulk_name(field: str) -> bytes:
     return bulk(field.encode())
 
 
+@lru_cache(maxsize=4096)
+def _value_name(name: str) -> bytes:
+    """`v.<name>` packed; names come from payloads, so the cache is bounded."""
+    return bulk(value_field(name).encode())
+
+
 _RETAINED = bulk(b"retained") + bulk(b"1")
-_MAX_VALUE_NAMES = 4096
 
 
 class TokenBuckets:
@@ -88,7 +93,6 @@ class Intake:
         self._buckets = TokenBuckets(settings.rate_limit)
         # Bounded like the route table's topic cache: one entry per topic seen.
         self._target = lru_cache(maxsize=200_000)(self._target_uncached)
-        self._value_names: dict[str, bytes] = {}
         self._contracts = build_contracts(settings.contracts)
 
     @property
@@ -149,11 +153,9 @@ class Intake:
         if inbound.retain:
             parts.append(_RETAINED)
             count += 2
-        names = self._value_names
         for name, reading in sample.values.items():
-            packed = names.get(name) or self._value_name(name)
             text = repr(reading).encode()
-            parts.append(b"%b$%d\r\n%b\r\n" % (packed, len(text), text))
+            parts.append(b"%b$%d\r\n%b\r\n" % (_value_name(name), len(text), text))
         for name, text_value in sample.texts.items():
             parts += [_bulk_name(text_field(name)), bulk(text_value.encode())]
         count += 2 * (len(sample.values) + len(sample.texts))
@@ -180,14 +182,6 @@ class Intake:
         shard = shard_of(asset, self._shards)
         dedup = self._dedup_keys[route.name][shard] if self._settings.dedup else None
         return b"".join(parts), count, self._streams[route.name][shard], dedup
-
-    def _value_name(self, name: str) -> bytes:
-        """`v.<name>` in RESP, remembered for the next message; names come from payloads, so the
-        memory is bounded (cleared when full)."""
-        if len(self._value_names) >= _MAX_VALUE_NAMES:
-            self._value_names.clear()
-        packed = self._value_names[name] = bulk(value_field(name).encode())
-        return packed
 
     def dead_letter(self, inbound: Inbound, route: str, reason: Reason, detail: str) -> Pending:
         cap = self._settings.dlq_payload_bytes

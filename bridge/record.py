@@ -29,6 +29,17 @@ class Reason(StrEnum):
     RATE = "rate"
 
 
+def entry_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (`<ms>-<seq>`) as a pair that sorts as Redis orders entries."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def entry_ms(entry_id: str) -> int:
+    """The millisecond part of a stream entry id: Redis time when the entry was added."""
+    return int(entry_id.partition("-")[0])
+
+
 def value_field(name: str) -> str:
     return VALUE_PREFIX + name
 

@@ -15,6 +15,7 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from bridge.record import entry_key
 from config.settings import RetentionSettings
 from observability.metrics import BridgeMetrics
 
@@ -24,13 +25,8 @@ log = logging.getLogger(__name__)
 _MAX_SCAN = 10_000
 
 
-def _parse(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _after(entry_id: str) -> str:
-    ms, seq = _parse(entry_id)
+    ms, seq = entry_key(entry_id)
     return f"{ms}-{seq + 1}"
 
 
@@ -76,7 +72,7 @@ class Retention:
                 # Acked between XINFO and XPENDING: then there is no oldest, min is None.
                 oldest = (await self._redis.xpending(stream, name))["min"]
             points.append(_text(oldest) if oldest else _after(_text(last or "0-0")))
-        return min(points, key=_parse) if points else None
+        return min(points, key=entry_key) if points else None
 
     async def trim_route(self, route: str, streams: list[str]) -> int:
         """One pass over a route's shard streams; sets its gauges. The number trimmed."""
@@ -105,9 +101,9 @@ class Retention:
             cuts.append(f"{int((time.time() - self._settings.max_age_s) * 1000)}-0")
         trimmed = 0
         if cuts:
-            cut = max(cuts, key=_parse)
+            cut = max(cuts, key=entry_key)
             safe = await self.safe_point(stream)
-            if safe is not None and _parse(safe) < _parse(cut):
+            if safe is not None and entry_key(safe) < entry_key(cut):
                 cut = safe
             trimmed = int(await self._redis.xtrim(stream, minid=cut, approximate=False))
         return trimmed, length - trimmed

@@ -81,7 +81,6 @@ class EmbeddedBroker:
     def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
         self._settings = settings
         self._metrics = BrokerMetrics(registry)
-        self._metrics.up.set(0)
         # Set while the listener accepts connections; the demo awaits it before starting clients.
         self.listening = asyncio.Event()
 
@@ -133,8 +132,7 @@ class EmbeddedBroker:
     async def run(self, stop: asyncio.Event) -> None:
         """Listen until `stop` is set, then close every session and the listener, and return."""
         amqtt_log = logging.getLogger("amqtt.broker")
-        if _PUBACK_TIMEOUT_FILTER not in amqtt_log.filters:
-            amqtt_log.addFilter(_PUBACK_TIMEOUT_FILTER)
+        amqtt_log.addFilter(_PUBACK_TIMEOUT_FILTER)  # once: addFilter skips one already there
         broker = Broker(self._config())
         try:
             await broker.start()

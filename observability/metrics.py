@@ -8,7 +8,7 @@ Each set is built against an injectable registry, so tests use a fresh one.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
@@ -84,11 +84,18 @@ class BatchHistogram(Collector):
             self._sum += value
 
     def collect(self) -> Iterator[Metric]:
-        cumulative, total = [], 0
-        for bound, count in zip([*map(str, self._bounds), "+Inf"], self._counts, strict=True):
-            total += count
-            cumulative.append((bound, float(total)))
-        yield HistogramMetricFamily(self._name, self._doc, buckets=cumulative, sum_value=self._sum)
+        yield histogram_family(self._name, self._doc, self._bounds, self._counts, self._sum)
+
+
+def histogram_family(
+    name: str, doc: str, bounds: Sequence[float], counts: Sequence[int], sum_value: float
+) -> HistogramMetricFamily:
+    """A histogram from counts per bucket (`counts[i]`: values in bucket i, the last +Inf)."""
+    cumulative, total = [], 0
+    for bound, count in zip([*map(str, bounds), "+Inf"], counts, strict=True):
+        total += count
+        cumulative.append((bound, float(total)))
+    return HistogramMetricFamily(name, doc, buckets=cumulative, sum_value=sum_value)
 
 
 def readiness_gauge(
@@ -399,17 +406,12 @@ class SimulatorMetrics(Collector):
              self.target_rate),
         ):  # fmt: skip
             yield GaugeMetricFamily(f"iotbridge_simulator_{name}", doc, value=value)
-        cumulative, total = [], 0
-        for bound, count in zip(
-            [*map(str, LATENCY_BUCKETS), "+Inf"], self.latency_buckets, strict=True
-        ):
-            total += count
-            cumulative.append((bound, float(total)))
-        yield HistogramMetricFamily(
+        yield histogram_family(
             "iotbridge_simulator_publish_ack_seconds",
             "QoS 1 publish to PUBACK round trip.",
-            buckets=cumulative,
-            sum_value=self.latency_sum,
+            LATENCY_BUCKETS,
+            self.latency_buckets,
+            self.latency_sum,
         )
 
 

@@ -114,7 +114,6 @@ class SimulatorApp:
         self._finished = False
         self._started_at = 0.0
         self._elapsed_s = 0.0
-        self.acked_assets = 0
 
     @property
     def events(self) -> list[Event]:
@@ -246,7 +245,6 @@ class SimulatorApp:
                     with part.open(encoding="utf-8") as lines:
                         shutil.copyfileobj(lines, out)
                     part.unlink()
-        self.acked_assets = sum(int(f.get("acked_assets", 0)) for f in self._finals.values())
 
     def report(self) -> dict[str, Any]:
         """What the run asked for and what it achieved; JSON-able."""

@@ -157,11 +157,10 @@ class Connection:
         self.closing = False
         self.retry_at = 0.0
         self.failures = 0
-        self.receive_maximum: int | None = None
         # mid -> (local asset, epoch, seq, publish time): QoS 1 messages awaiting their PUBACK.
         self.pending: dict[int, tuple[int, int, int, float]] = {}
         # (topic, payload, ident) of QoS 1 messages waiting for a free slot in the window.
-        self.backlog: deque[tuple[str, bytes, tuple[int, int, int, float]]] = deque()
+        self.backlog: deque[tuple[str, bytes, tuple[int, int, int]]] = deque()
         self.unflushed = 0  # QoS 0 publishes handed to paho, not yet written to the socket
         self.buffered: BufferedSocket | None = None
         self.dirty = False
@@ -285,9 +284,8 @@ class Connection:
             return
         # MQTT 5 (3.3.4): at most Receive Maximum unacknowledged QoS 1 publishes.
         limit = getattr(properties, "ReceiveMaximum", None)
-        self.receive_maximum = limit if isinstance(limit, int) else None
-        if self.receive_maximum is not None:
-            self.window = max(1, min(self.window, self.receive_maximum))
+        if isinstance(limit, int):
+            self.window = max(1, min(self.window, limit))
             # Bounded by the window in force: Mosquitto's default Receive Maximum is 20, and 10
             # per slot of the configured 1,000 would queue 2.5 GB over 400 slow connections.
             self.queue_limit = max(100, self.window * QUEUE_PER_IN_FLIGHT)

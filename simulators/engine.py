@@ -299,15 +299,11 @@ class Engine:
                 if len(conn.backlog) >= conn.queue_limit:
                     stats.fail("queue_full")
                     return
-                conn.backlog.append((topic, payload, (local, epoch, seq, 0.0)))
+                conn.backlog.append((topic, payload, (local, epoch, seq)))
                 self._backlogged.add(conn)
                 return
-            info = conn.client.publish(topic, payload, 1)
-            if info.rc:
-                stats.fail("error")
+            if not self._publish_qos1(conn, topic, payload, local, epoch, seq):
                 return
-            conn.pending[info.mid] = (local, epoch, seq, time.perf_counter())
-            stats.sent += 1
         elif not publish_qos0(conn.client, self.topic_bytes[local], payload):
             stats.fail("error")
             return
@@ -318,6 +314,18 @@ class Engine:
         if not conn.dirty:
             conn.dirty = True
             self._dirty.append(conn)
+
+    def _publish_qos1(
+        self, conn: Connection, topic: str, payload: bytes, local: int, epoch: int, seq: int
+    ) -> bool:
+        """Hand a QoS 1 publish to paho and await its PUBACK; False if paho refused it."""
+        info = conn.client.publish(topic, payload, 1)
+        if info.rc:
+            self.stats.fail("error")
+            return False
+        conn.pending[info.mid] = (local, epoch, seq, time.perf_counter())
+        self.stats.sent += 1
+        return True
 
     def _record(self, local: int, epoch: int, seq: int) -> None:
         if epoch >= 0:
@@ -343,13 +351,8 @@ class Engine:
         for conn in list(self._backlogged):
             self._backlogged.discard(conn)
             while conn.backlog and not conn.full and conn.up:
-                topic, payload, (local, epoch, seq, _) = conn.backlog.popleft()
-                info = conn.client.publish(topic, payload, 1)
-                if info.rc:
-                    self.stats.fail("error")
-                    continue
-                conn.pending[info.mid] = (local, epoch, seq, time.perf_counter())
-                self.stats.sent += 1
+                topic, payload, (local, epoch, seq) = conn.backlog.popleft()
+                self._publish_qos1(conn, topic, payload, local, epoch, seq)
             self._mark(conn)
 
     def _mark(self, conn: Connection) -> None:
@@ -422,14 +425,9 @@ class Engine:
             self._emit(self._progress())
 
     def _progress(self) -> dict[str, Any]:
-        queued = sum(len(c.backlog) for c in self._backlogged)
         return {
             "type": "progress",
-            "shard": self.spec.shard,
             "connected": self.connected,
-            "connections": len(self.conns),
-            "outstanding": self.stats.outstanding,
-            "queued": queued,
             **self.stats.snapshot(),
         }
 
@@ -454,6 +452,7 @@ class Engine:
         self._selector.close()
 
     def _final(self) -> dict[str, Any]:
+        self._write_acked()
         return {
             **self._progress(),
             "type": "final",
@@ -462,11 +461,10 @@ class Engine:
             "sent_in_schedule": self.sent_in_schedule,
             "elapsed_s": self.elapsed_s,
             "latencies": self.stats.latencies,
-            "acked_assets": self._write_acked(),
         }
 
-    def _write_acked(self) -> int:
+    def _write_acked(self) -> None:
         if self.spec.acked_part is None:
-            return 0
+            return
         with open(self.spec.acked_part, "w", encoding="utf-8") as out:
-            return write_records(out, self.acks.records())
+            write_records(out, self.acks.records())

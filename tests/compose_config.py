@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.services import Service, missing, mosquitto_binary, redis_service, set_directive
+from tests.services import Service, mosquitto_binary, redis_service, set_directive
 from tests.services import require as require_binary
 
 ROOT = Path(__file__).parents[1]
@@ -91,7 +91,6 @@ def redis_with_compose_acl(workdir: Path, prefix: str) -> Service:
     """A redis-server (not started) with the users of compose.yaml's ACL, keys under `prefix`."""
     acl = workdir / "users.acl"
     acl.write_text(redis_acl_from_compose(prefix))
-    server = redis_service(workdir / "redis", None, "--aclfile", str(acl))
-    if server is None:
-        missing("redis-server")
-    return server
+    return require_binary(
+        redis_service(workdir / "redis", None, "--aclfile", str(acl)), "redis-server"
+    )

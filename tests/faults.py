@@ -32,9 +32,9 @@ from tests.services import (
     Service,
     free_port,
     http_get,
-    missing,
-    mosquitto_binary,
+    mosquitto_service,
     redis_service,
+    require,
     wait_until,
 )
 
@@ -62,30 +62,21 @@ def payload(seq: int, ts: float | None = None) -> bytes:
 def mosquitto(workdir: Path, *conf: str, port: int | None = None) -> Service:
     """A mosquitto of the test's own. Only the given lines beyond the listener: no
     `max_queued_messages` unless asked for, so mosquitto's default (1,000) applies."""
-    binary = mosquitto_binary()
-    if binary is None:
-        missing("mosquitto")
-    assert binary is not None
-    port = port or free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "mosquitto.conf"
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "log_dest stdout",
-             "log_type error", "log_type warning", *conf]  # fmt: skip
-    if os.geteuid() == 0:
-        # Started as root, mosquitto switches to the user `mosquitto`, which cannot write its
-        # persistence file under the test's private tmp_path ("Error: Permission denied").
-        lines.append("user root")
-    path.write_text("\n".join(lines) + "\n")
-    return Service("mosquitto", [binary, "-c", str(path)], port, workdir)
+    extra = "".join(f"{line}\n" for line in conf)
+    return require(mosquitto_service(workdir, port, extra, tuned=False), "mosquitto")
 
 
 def redis(workdir: Path, *extra: str) -> Service:
     """A redis-server of the test's own, its files in `workdir` (its --dir)."""
-    service = redis_service(workdir, None, *extra)
-    if service is None:
-        missing("redis-server")
-    assert service is not None
-    return service
+    return require(redis_service(workdir, None, *extra), "redis-server")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def cpu_s(pid: int) -> float:
@@ -144,17 +135,21 @@ class Bridge:
             **({"IOTBRIDGE_BRIDGE__SPOOL__DIR": str(spool_dir)} if spool_dir else {}),
             **(env or {}),
         }
-        self.proc: subprocess.Popen[bytes] | None = None
+        argv = [sys.executable, "-m", "bridge.cli", "bridge"]
+        self.service = Service("bridge", argv, self.port, workdir, self.env)
         self.starts = 0
 
     @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.service.proc
+
+    @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        return self.service.pid
 
     @property
     def log_path(self) -> Path:
-        return self.workdir / "bridge.log"
+        return self.service.log_path
 
     @property
     def alive(self) -> bool:
@@ -165,15 +160,8 @@ class Bridge:
         self.starts += 1
         with self.log_path.open("ab") as log:
             log.write(f"--- start {self.starts}\n".encode())
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge.cli", "bridge"],
-                env={**os.environ, **self.env},
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        if ready_timeout_s:
-            self.wait_ready(ready_timeout_s)
+        self.service.start(ready_timeout_s)  # its HTTP server is up: then wait for /readyz
+        self.wait_ready(ready_timeout_s)
         return self
 
     def wait_ready(self, timeout_s: float = 30) -> None:
@@ -206,36 +194,23 @@ class Bridge:
 
     def kill(self) -> None:
         """kill -9, and reap it."""
-        if self.alive:
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait(10)
+        self.service.kill()
 
-    def terminate(self, timeout_s: float = 20) -> int:
-        assert self.proc is not None
-        if self.alive:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout_s)
+    def terminate(self, timeout_s: float = 20) -> int | None:
+        """SIGTERM, and its exit code (killed after `timeout_s`)."""
+        return self.service.stop(timeout_s)
 
     def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
+        return rss_bytes(self.pid)
 
     def cpu_s(self) -> float:
         return cpu_s(self.pid)
 
     def tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
+        return self.service.tail(lines)
 
     def close(self) -> None:
-        if self.alive:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.terminate(15)
-        self.kill()
+        self.service.stop(15)
 
 
 # --- publishers -----------------------------------------------------------------------------------

@@ -21,11 +21,12 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import pytest
 
 REQUIRE_SERVICES = os.environ.get("IOTBRIDGE_REQUIRE_SERVICES") == "1"
+T = TypeVar("T")
 
 
 def missing(what: str) -> NoReturn:
@@ -36,11 +37,11 @@ def missing(what: str) -> NoReturn:
     pytest.skip(message)
 
 
-def require(binary: str | None, what: str) -> str:
-    """`binary` (a path), or the test skipped (failed in CI) for want of `what`."""
-    if binary is None:
+def require(found: T | None, what: str) -> T:
+    """`found` (a path, a service), or the test skipped (failed in CI) for want of `what`."""
+    if found is None:
         missing(what)
-    return binary
+    return found
 
 
 def set_directive(conf: str, name: str, value: str) -> str:
@@ -204,19 +205,23 @@ def mosquitto_binary() -> str | None:
 
 
 def mosquitto_service(
-    workdir: Path, port: int | None = None, extra_conf: str = ""
+    workdir: Path, port: int | None = None, extra_conf: str = "", *, tuned: bool = True
 ) -> Service | None:
+    """An anonymous loopback mosquitto; `tuned`: no persistence and a queue of 100,000 (without
+    it mosquitto's defaults apply: what the fault tests need, a queue of 1,000)."""
     binary = mosquitto_binary()
     if binary is None:
         return None
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
-    # Started as root, mosquitto drops to user `mosquitto`, which cannot read pytest's 0700 dirs.
+    # Started as root, mosquitto drops to user `mosquitto`, which cannot read pytest's 0700 dirs
+    # (nor write its persistence file there).
     as_user = "user root\n" if os.geteuid() == 0 else ""
+    tuning = "persistence false\nmax_queued_messages 100000\n" if tuned else ""
     conf.write_text(
-        as_user + f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        f"max_queued_messages 100000\nlog_dest stdout\nlog_type error\nlog_type warning\n{extra_conf}"
+        as_user + f"listener {port} 127.0.0.1\nallow_anonymous true\n{tuning}"
+        f"log_dest stdout\nlog_type error\nlog_type warning\n{extra_conf}"
     )
     return Service("mosquitto", [binary, "-c", str(conf)], port, workdir)
 

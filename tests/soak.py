@@ -42,7 +42,6 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import signal
 import statistics
 import subprocess
@@ -59,15 +58,15 @@ from typing import Any
 import redis as redis_py
 
 from config.keys import Keys
-from tests.faults import ROOT, Bridge
+from tests.compose_config import PASSWORDS, mosquitto_as_compose_runs_it
+from tests.faults import ROOT, Bridge, rss_bytes
 from tests.proxy import FaultProxy
 from tests.services import (
     Service,
     free_port,
     http_get,
-    mosquitto_binary,
     redis_service,
-    set_directive,
+    require,
     wait_until,
 )
 
@@ -77,7 +76,6 @@ SHARDS = 4  # as compose.yaml: the route's stream split by asset
 ROUTE = "telemetry"
 GROUP = "workers"  # the worker's default consumer group
 PREFIX = "soak"
-PASSWORDS = {"iotbridge": "soak-bridge-secret", "simulator": "soak-simulator-secret"}
 PAUSE_MS = 5000
 RSS_DRIFT_MAX = 0.10
 # Open descriptors may differ by a few between two moments of a healthy process: the Redis client
@@ -190,50 +188,8 @@ class SoakReport:
 # --- processes ----------------------------------------------------------------------------------
 
 
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _required(binary: str | None, what: str) -> str:
-    if binary is None:
-        raise RuntimeError(f"{what} is not installed")
-    return binary
-
-
-def shipped_mosquitto(workdir: Path) -> Service:
-    """broker/mosquitto.conf as compose runs it (password and ACL files enabled), with what a test
-    must change: a loopback port, the data directory, and the user when run as root."""
-    binary = _required(mosquitto_binary(), "mosquitto")
-    passwd_tool = _required(
-        shutil.which("mosquitto_passwd")
-        or shutil.which("mosquitto_passwd", path=str(Path(binary).parent)),
-        "mosquitto_passwd",
-    )
-    workdir.mkdir(parents=True, exist_ok=True)
-    passwd = workdir / "passwd"
-    passwd.write_text("")
-    for user, secret in PASSWORDS.items():
-        subprocess.run([passwd_tool, "-b", str(passwd), user, secret],
-                       check=True, capture_output=True, timeout=30)  # fmt: skip
-    (workdir / "data").mkdir(exist_ok=True)
-    port = free_port()
-    conf = (ROOT / "broker" / "mosquitto.conf").read_text()
-    conf = set_directive(conf, "listener", f"{port} 127.0.0.1")
-    conf = set_directive(conf, "password_file", str(passwd))
-    conf = set_directive(conf, "acl_file", str(ROOT / "broker" / "acl"))
-    conf = set_directive(conf, "persistence_location", f"{workdir / 'data'}/")
-    if os.geteuid() == 0:  # mosquitto would drop to user mosquitto, who cannot write here
-        conf = set_directive(conf, "user", "root")
-    path = workdir / "mosquitto.conf"
-    path.write_text(conf)
-    return Service("mosquitto", [binary, "-c", str(path)], port, workdir)
 
 
 def durable_redis(workdir: Path) -> Service:
@@ -241,13 +197,7 @@ def durable_redis(workdir: Path) -> Service:
     what it wrote to the page cache) that refuses writes at a memory bound instead of evicting."""
     service = redis_service(workdir, None, "--appendonly", "yes", "--appendfsync", "everysec",
                             "--maxmemory-policy", "noeviction")  # fmt: skip
-    return _required_service(service, "redis-server")
-
-
-def _required_service(service: Service | None, what: str) -> Service:
-    if service is None:
-        raise RuntimeError(f"{what} is not installed")
-    return service
+    return require(service, "redis-server")
 
 
 class Proxies:
@@ -318,7 +268,7 @@ class Soak:
 
     def start(self) -> None:
         self.redis = durable_redis(self.workdir / "redis").start()
-        self.broker = shipped_mosquitto(self.workdir / "mosquitto").start()
+        self.broker = mosquitto_as_compose_runs_it(self.workdir / "mosquitto", free_port()).start()
         self.services += [self.redis, self.broker]
         to_broker = self.proxies.add("broker", self.broker.port)
         to_redis = self.proxies.add("redis", self.redis.port)
@@ -332,7 +282,7 @@ class Soak:
                 name=f"bridge-{n}",
                 spool_dir=self.workdir / f"bridge-{n}" / "spool",
                 env={**common, "IOTBRIDGE_MQTT__CLIENT_ID": f"soak-bridge-{n}",
-                     "IOTBRIDGE_MQTT__USERNAME": "iotbridge", "IOTBRIDGE_MQTT__PASSWORD": PASSWORDS["iotbridge"],
+                     "IOTBRIDGE_MQTT__USERNAME": "iotbridge", "IOTBRIDGE_MQTT__PASSWORD": PASSWORDS["MQTT_PASSWORD"],
                      **({"IOTBRIDGE_BRIDGE__SHARED_GROUP": self.shared_group} if self.shared_group else {})},
             ))  # fmt: skip
         for bridge in self.bridges:
@@ -349,7 +299,7 @@ class Soak:
 
     def _start_simulator(self, common: dict[str, str]) -> None:
         env = {**os.environ, **common, "IOTBRIDGE_MQTT__URL": f"mqtt://127.0.0.1:{self.broker.port}",
-               "IOTBRIDGE_MQTT__USERNAME": "simulator", "IOTBRIDGE_MQTT__PASSWORD": PASSWORDS["simulator"],
+               "IOTBRIDGE_MQTT__USERNAME": "simulator", "IOTBRIDGE_MQTT__PASSWORD": PASSWORDS["MQTT_SIMULATOR_PASSWORD"],
                "IOTBRIDGE_SIMULATOR__METRICS_PORT": str(free_port()),
                "IOTBRIDGE_SIMULATOR__CLIENT_ID_PREFIX": "soak-sim",
                "IOTBRIDGE_SIMULATOR__ASSETS_PER_CONNECTION": "100"}  # fmt: skip

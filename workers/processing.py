@@ -21,10 +21,11 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from bridge.record import entry_key, entry_ms
 from config.errors import PayloadRejected
 from workers.anomaly import AnomalyEvent
 from workers.outputs import Outputs
-from workers.sample import decode_entry, entry_ms, id_key
+from workers.sample import decode_entry
 from workers.state import Shard, ShardState
 from workers.streams import Entry
 
@@ -90,15 +91,15 @@ def _run(
     entries = delivery.entries
     # Entry ids only grow within a stream, so one comparison tells whether any needs the floor.
     floor = (
-        id_key(state.last_id)
-        if counts is None and entries and id_key(entries[0][0]) <= id_key(state.last_id)
+        entry_key(state.last_id)
+        if counts is None and entries and entry_key(entries[0][0]) <= entry_key(state.last_id)
         else None
     )
     # Only a redelivery or a batch run again after a failure can meet a failed entry.
     settle = counts is not None or bool(failed)
     processed = 0
     for entry_id, fields in entries:
-        if floor is not None and id_key(entry_id) <= floor:
+        if floor is not None and entry_key(entry_id) <= floor:
             acks.append(entry_id)
             continue
         deliveries = 1 if counts is None else counts.get(entry_id, 1)
@@ -121,7 +122,7 @@ def _run(
     outputs.processed[shard.route] += processed
     outputs.events.extend((shard, event) for event in events)
     last_id, watermark = state.last_id, state.watermark_ms
-    if entries and id_key(entries[-1][0]) > id_key(last_id):
+    if entries and entry_key(entries[-1][0]) > entry_key(last_id):
         last_id = entries[-1][0]
         watermark = max(watermark, entry_ms(last_id))
     outputs.checkpoints[shard] = state.checkpoint_fields(last_id, watermark)

@@ -34,17 +34,6 @@ class Sample:
     values: dict[str, float]
 
 
-def entry_ms(entry_id: str) -> int:
-    """The millisecond part of a stream entry id: Redis time when the entry was added."""
-    return int(entry_id.partition("-")[0])
-
-
-def id_key(entry_id: str) -> tuple[int, int]:
-    """A stream entry id as a sortable pair."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def decode_entry(route: str, entry_id: str, fields: Mapping[str, str] | None) -> Sample:
     """A telemetry entry (layout of `bridge.record`) as a `Sample`; `PayloadRejected` if malformed.
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bridge.record import entry_ms
+
 # Detectors that answer each kind: their flags count towards that kind's precision.
 DETECTORS = {
     "spike": {"threshold", "rate", "deviation"},
@@ -73,7 +75,7 @@ def flags_from(entries: Iterable[tuple[str, dict[str, str]]]) -> Iterator[Flag]:
             continue
         value = fields.get("value_name") or None
         yield Flag(fields["asset"], fields["detector"], value, float(fields["ts"]),
-                   int(entry_id.split("-")[0]) / 1000)  # fmt: skip
+                   entry_ms(entry_id) / 1000)  # fmt: skip
 
 
 def _matches(flag: Flag, truth: Truth) -> bool:

@@ -76,19 +76,8 @@ class Check:
     def event(
         self, event: Event, sample: Sample, value: float, bound: float, score: float
     ) -> AnomalyEvent:
-        return AnomalyEvent(
-            event=event,
-            asset=sample.asset,
-            route=sample.route,
-            detector=self.detector,
-            value_name=self.value or "",
-            value=value,
-            bound=bound,
-            score=score,
-            ts=sample.ts,
-            source_id=sample.entry_id,
-            severity=self.severity,
-        )
+        return _event(self, event, sample.asset, sample.route, sample.entry_id, sample.ts,
+                      value, bound, score)  # fmt: skip
 
 
 def timed_event(
@@ -97,6 +86,13 @@ def timed_event(
 ) -> AnomalyEvent:  # fmt: skip
     """An event raised by the clock rather than by a sample; `source_id` is the asset's last
     entry and `ts` its device time."""
+    return _event(check, event, asset, route, source_id, format_number(ts), value, bound, score)
+
+
+def _event(
+    check: Check, event: Event, asset: str, route: str, source_id: str, ts: str,
+    value: float, bound: float, score: float,
+) -> AnomalyEvent:  # fmt: skip
     return AnomalyEvent(
         event=event,
         asset=asset,
@@ -106,7 +102,7 @@ def timed_event(
         value=value,
         bound=bound,
         score=score,
-        ts=format_number(ts),
+        ts=ts,
         source_id=source_id,
         severity=check.severity,
     )
