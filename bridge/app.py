@@ -2,9 +2,10 @@
 
 Intake runs inside the source's message callback (synchronous and cheap); the message then waits
 in `pending` until a batch carrying it is stored, and only then is it acknowledged. Up to
-`batch.pipeline` full batches are written to Redis at once, on one connection whose replies come
-in order, so the bridge packs the next batch while Redis runs the last; batches are settled
-oldest first, so acks leave in the order messages arrived.
+`batch.pipeline` batches are written to Redis at once, on one connection whose replies come in
+order, so the bridge packs the next batch while Redis runs the last, and a slow reply does not
+hold the next batch past its `max_delay_ms`; batches are settled oldest first, so acks leave in
+the order messages arrived.
 
 Where a batch is stored: in Redis while the spool is empty; in the spool (fsynced) while Redis is
 away or the spool still holds older batches, which drain to Redis first. With no spool, or a full
@@ -151,6 +152,8 @@ class BridgeApp:
                     await self._let_batch_fill(stop)
                 self._send_batches()
                 if self.batches:
+                    if await self._next_batch_due(self.batches[0]):
+                        continue  # sent beside the head, which is still on its way
                     await self._settle(self.batches[0])
                 if self._may_drain(stop):
                     await self._drain_spool()
@@ -171,18 +174,33 @@ class BridgeApp:
         overtake it): also while a batch is held for want of spool space, which the drain frees."""
         return self.spooling and not stop.is_set() and all(b.write is None for b in self.batches)
 
-    def _send_batches(self) -> None:
-        """Start the Redis writes of the next batches, up to `batch.pipeline` in flight. A batch
-        that is not full waits while another is in flight, so batches stay large. Behind a batch
-        whose write failed nothing new is sent: it is stored again first (Redis, spool, or held)
-        by `_settle`, one batch at a time, so entries keep their order."""
+    def _due(self) -> bool:
+        """The next batch should leave now: it is full, or its oldest message has waited
+        `max_delay_ms`."""
         limits = self.settings.bridge.batch
-        while self.pending and len(self.batches) < limits.pipeline:
-            if self.batches and (
-                len(self.pending) < limits.max_size
-                or any(b.write is None for b in self.batches)
-                or not self._direct
-            ):
+        return len(self.pending) >= limits.max_size or (
+            bool(self.pending)
+            and time.monotonic() - self.pending[0].inbound.received >= limits.max_delay_ms / 1000
+        )
+
+    def _may_send_beside(self) -> bool:
+        """Another batch may join those in flight: a free pipeline slot, every batch ahead of
+        it on its way to Redis (none held after a failure), and Redis in use directly."""
+        return (
+            len(self.batches) < self.settings.bridge.batch.pipeline
+            and all(b.write is not None for b in self.batches)
+            and self._direct
+        )
+
+    def _send_batches(self) -> None:
+        """Start the Redis writes of the next batches, up to `batch.pipeline` in flight. While
+        another is in flight, a batch leaves only once due (full, or its oldest message has
+        waited `max_delay_ms`), so batches stay large and no message waits much longer than the
+        delay for a slow reply. Behind a batch whose write failed nothing new is sent: it is
+        stored again first (Redis, spool, or held) by `_settle`, one batch at a time, so entries
+        keep their order."""
+        while self.pending:
+            if self.batches and not (self._may_send_beside() and self._due()):
                 return
             items = self._take_batch()
             write = None
@@ -190,6 +208,26 @@ class BridgeApp:
                 appends = [p.append for p in items if p.append is not None]
                 write = asyncio.create_task(self.sink.write(appends), name="redis-write")
             self.batches.append(_Batch(items, write))
+
+    async def _next_batch_due(self, head: _Batch) -> bool:
+        """Wait for the head's write; True if the next batch fell due first and may be sent
+        beside it. Wakes when the head is written, a first message arrives, or the oldest one
+        reaches its delay: not per message, and never in a loop while Redis is slow."""
+        delay_s = self.settings.bridge.batch.max_delay_ms / 1000
+        while head.write is not None and not head.write.done() and self._may_send_beside():
+            if self._due():
+                return True
+            if self.pending:
+                due_in = self.pending[0].inbound.received + delay_s - time.monotonic()
+                await asyncio.wait([head.write], timeout=due_in)
+                continue
+            self._arrived.clear()
+            arrival = asyncio.ensure_future(self._arrived.wait())
+            try:
+                await asyncio.wait([head.write, arrival], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                arrival.cancel()
+        return False
 
     async def _settle(self, batch: _Batch) -> None:
         """Finish the oldest batch: its Redis write's outcome, or storing it again after a failure.

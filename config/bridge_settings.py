@@ -21,8 +21,9 @@ class BatchSettings(Section):
         2,
         ge=1,
         le=8,
-        description="Full batches sent to Redis before the first one's reply, on one connection "
-        "(replies come in order): the bridge packs the next batch while Redis runs the last.",
+        description="Batches sent to Redis before the first one's reply, on one connection "
+        "(replies come in order): the bridge packs the next batch while Redis runs the last. "
+        "One joins a batch in flight once it is full or its oldest message is max_delay_ms old.",
     )
 
 

@@ -108,6 +108,41 @@ async def test_client_pause_write_three_times_loses_nothing(
         )
 
 
+async def test_a_batch_due_while_another_waits_for_redis_is_sent_beside_it(
+    make_settings: Callable[..., Settings], mqtt_url: str, unique: str, own_redis: Service
+) -> None:
+    """A slow reply does not hold the next batch: once its oldest message has waited
+    `max_delay_ms` it goes to Redis beside the one in flight (up to `batch.pipeline`), and the
+    acks still leave in order once Redis answers both."""
+    settings = make_settings(
+        redis={"url": f"redis://127.0.0.1:{own_redis.port}/0", "key_prefix": unique,
+               "socket_timeout_s": 8.0},
+        bridge={"batch": {"max_delay_ms": 20.0, "pipeline": 2}},
+    )  # fmt: skip
+    db = redis.Redis(port=own_redis.port, decode_responses=True)
+    publisher = Publisher(mqtt_url, f"{unique}-pub", settings.mqtt.protocol)
+    topic = f"{unique}/plant/s1/l1/a1/telemetry"
+
+    def blocked_writes() -> list[dict[str, str]]:
+        """The connections Redis holds in a paused EVALSHA (a batch), with their query buffers."""
+        return [c for c in db.client_list() if c["cmd"] == "evalsha" and "b" in c["flags"]]
+
+    async with running_bridge(settings) as app:
+        db.execute_command("CLIENT", "PAUSE", "4000", "WRITE")  # the first write waits
+        publisher.publish(topic, telemetry(0))
+        await wait_for(lambda: len(blocked_writes()) == 1, 3, "the first batch held by Redis")
+        publisher.publish(topic, telemetry(1))
+        # The next command on the same connection waits unread in its query buffer.
+        await wait_for(lambda: int(blocked_writes()[0]["qbuf"]) > 0, 3,
+                       "the second batch sent beside the first")  # fmt: skip
+        assert sample(app, M + "forwarded_total", route="telemetry") == 0  # neither answered yet
+        await wait_for(lambda: sample(app, M + "forwarded_total", route="telemetry") == 2, 10,
+                       "both written once the pause ends")  # fmt: skip
+    assert publisher.wait_acked() == 2
+    publisher.close()
+    assert [f["seq"] for _, f in db.xrange(Keys(unique).telemetry("telemetry"))] == ["0", "1"]
+
+
 async def test_a_full_spool_holds_its_acks_and_everything_drains_once_redis_is_back(
     make_settings: Callable[..., Settings],
     mqtt_url: str,
