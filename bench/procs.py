@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,3 +190,29 @@ def clear_session(host: str, port: int, client_id: str) -> None:
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+# A busy loop for `fraction` of every 10 ms, asleep for the rest, ended after `seconds` at most.
+_HOG = """
+import sys, time
+fraction, end = float(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    started = time.monotonic()
+    while time.monotonic() - started < 0.01 * fraction:
+        pass
+    time.sleep(0.01 * (1 - fraction))
+"""
+
+
+@contextlib.contextmanager
+def cpu_hog(fraction: float, seconds: float) -> Iterator[None]:
+    """A neighbour that keeps `fraction` of one core busy while the block runs (0: none)."""
+    if fraction <= 0:
+        yield
+        return
+    hog = subprocess.Popen([sys.executable, "-c", _HOG, str(fraction), str(seconds)])
+    try:
+        yield
+    finally:
+        hog.kill()
+        hog.wait()

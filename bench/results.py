@@ -36,6 +36,7 @@ class Plan:
     rounds: int  # every subject once per round; ratios are taken within a round
     drain_timeout_s: float
     stagger_s: float = 0.0  # bridge2: the second bridge starts this much after the first
+    cpu_hog: float = 0.0  # a CPU hog busy this fraction of one core beside every subject
     bridge_env: dict[str, str] = field(default_factory=dict)  # settings beyond the defaults
 
 
@@ -256,6 +257,14 @@ def markdown(results: list[Result], plan: Plan, about: About) -> str:
         f"{plan.max_live_rate:,.0f} msg/s) for {plan.live_s:.0f} s; latency = entry id ms "
         "(Redis clock, +0.5 ms for the floored id) - payload `ts` (publisher clock just before "
         "the socket write), same host",
+        *(
+            [
+                f"- beside a CPU hog: a process busy {plan.cpu_hog:.0%} of one core (10 ms cycles) "
+                "while each subject runs, a noisy neighbour on the same two cores"
+            ]
+            if plan.cpu_hog
+            else []
+        ),
         "",
         "Summary:",
         "",

@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py                      # full run, updates bench/RESULTS.md
     .venv/bin/python bench/run.py --quick              # smoke run, small N, RESULTS.md untouched
     .venv/bin/python bench/run.py --subjects baseline,bridge
+    .venv/bin/python bench/run.py --cpu-hog 0.5         # beside a neighbour busy half a core
 
 Every subject (`baseline`: bench/baseline.py; `bridge`: one `iotbridge bridge`; `bridge2`: two
 bridges in one shared subscription group) runs as its own processes, measured from outside:
@@ -50,6 +51,7 @@ from bench.procs import (  # noqa: E402
     Proc,
     clear_session,
     counters,
+    cpu_hog,
     cpu_seconds,
     services,
     snapshot_code,
@@ -80,6 +82,7 @@ from simulators import audit  # noqa: E402
 ROUTE = "telemetry"  # the default route: plant/{site}/{line}/{asset}/telemetry
 POLL_S = 0.005  # XLEN poll while draining: well under 1 % of a drain window
 STALL_S = 15.0  # a stream that does not grow for this long will not: check what is missing
+HOG_MAX_S = 900.0  # a --cpu-hog process ends by itself after this, should the harness die
 
 
 class Stalled(Exception):
@@ -256,7 +259,8 @@ def run_subject(subject: str, plan: Plan, env: Env, round_no: int) -> Result:
     print(f"\n== round {round_no + 1}/{plan.rounds}, {subject}: {len(procs)} process(es), "
           f"drain N={result.drain_n:,}", flush=True)  # fmt: skip
     try:
-        _measure(subject, plan, env, procs, keys, result)
+        with cpu_hog(plan.cpu_hog, HOG_MAX_S):
+            _measure(subject, plan, env, procs, keys, result)
     except (RuntimeError, TimeoutError, OSError, redis.RedisError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         print(f"   FAILED: {result.error}", flush=True)
@@ -398,6 +402,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]
                         help="extra setting for the bridges, e.g. IOTBRIDGE_BRIDGE__BATCH__MAX_SIZE=1000")  # fmt: skip
     parser.add_argument("--stagger-s", type=float, default=0.0,
                         help="bridge2: start the second bridge this much later (uneven drain)")  # fmt: skip
+    parser.add_argument("--cpu-hog", type=float, default=0.0, metavar="FRACTION",
+                        help="run a process busy this fraction of one core beside each subject "
+                             "(a noisy neighbour), e.g. 0.5")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
@@ -417,6 +424,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]
         publisher=args.publisher,
         rounds=args.rounds or (1 if args.quick else 3),
         stagger_s=args.stagger_s,
+        cpu_hog=args.cpu_hog,
         bridge_env=dict(item.split("=", 1) for item in args.bridge_env),
         drain_timeout_s=180.0,
     )
