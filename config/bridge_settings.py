@@ -15,7 +15,7 @@ class BatchSettings(Section):
     max_size: int = Field(500, gt=0, le=100_000, description="Messages per Redis round trip.")
     max_bytes: int = Field(1_048_576, gt=0, description="Payload bytes per Redis round trip.")
     max_delay_ms: float = Field(
-        3.0, ge=0, description="Longest a message waits for its batch to fill before it is written."
+        5.0, ge=0, description="Longest a message waits for its batch to fill before it is written."
     )
     pipeline: int = Field(
         2,
