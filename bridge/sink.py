@@ -210,6 +210,9 @@ class RedisSink:
         # Batches go out on one connection of their own (see _execute); the pool serves the rest.
         self._conn: Connection | None = None
         self._connecting = asyncio.Lock()
+        # Held while a command is written and while the connection is closed: a caller whose
+        # connection an earlier caller's failure is dropping must not write to it meanwhile.
+        self._sending = asyncio.Lock()
         self._turn: asyncio.Future[None] | None = None  # the last caller's: done once it has read
         self._generation = 0  # of the connection: a new one, or a dropped one, moves it on
 
@@ -275,7 +278,7 @@ class RedisSink:
         previous, turn = self._turn, asyncio.get_running_loop().create_future()
         self._turn = turn
         try:
-            await conn.send_packed_command(command, check_health=False)
+            await self._send(conn, generation, command)
             if previous is not None:
                 # Shielded: cancelling this caller must not cancel the turn of the one before.
                 await asyncio.shield(previous)
@@ -295,11 +298,21 @@ class RedisSink:
             raise RedisConnectionError("the connection failed before this reply was read")
         return list(reply)
 
+    async def _send(self, conn: Connection, generation: int, command: bytes) -> None:
+        """Write a command, unless the connection was dropped since this caller took it (an
+        earlier caller failed): redis-py would write to a closed stream, or reconnect a
+        connection that is back in the pool."""
+        async with self._sending:
+            if generation != self._generation:
+                raise RedisConnectionError("the connection failed before this command was sent")
+            await conn.send_packed_command(command, check_health=False)
+
     async def _drop(self, conn: Connection) -> None:
         if conn is self._conn:
             self._conn = None
             self._generation += 1
-            await conn.disconnect()
+            async with self._sending:  # a write under way ends first; later ones see the drop
+                await conn.disconnect()
             await self._redis.connection_pool.release(conn)
 
     async def write(self, appends: Sequence[Append]) -> tuple[list[int], float]:
