@@ -88,7 +88,7 @@ class RawClient:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ident = client_id.encode()
         # protocol "MQTT", level 4, flags: clean session; keepalive 0: no pings to answer
-        body = b"\x00\x04MQTT\x04\x02\x00\x00" + struct.pack("!H", len(ident)) + ident
+        body = b"\x00\x04MQTT\x04\x02\x00\x00" + _U16.pack(len(ident)) + ident
         self.sock.sendall(b"\x10" + _varint(len(body)) + body)
         connack = self.sock.recv(4)
         if connack[:1] != b"\x20" or connack[3:4] != b"\x00":
@@ -99,7 +99,7 @@ class RawClient:
         name = self._topics.get(asset)
         if name is None:
             raw = topic(asset).encode()
-            name = self._topics[asset] = struct.pack("!H", len(raw)) + raw
+            name = self._topics[asset] = _U16.pack(len(raw)) + raw
         self.sent += 1
         body = _payload(ts, seq)
         packet_id = _U16.pack(self.sent % 65535 + 1)

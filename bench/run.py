@@ -76,6 +76,7 @@ from bench.results import (  # noqa: E402
     versions,
     write_results,
 )
+from bridge.record import entry_ms  # noqa: E402
 from config.keys import Keys  # noqa: E402
 from simulators import audit  # noqa: E402
 
@@ -228,7 +229,7 @@ def read_stream(
         pairs[(fields[b"asset"].decode(), seq)] += 1
         if seq >= live_from_seq:
             # An id carries whole milliseconds, floored: +0.5 centres the estimate (+-0.5 ms).
-            added_ms = int(entry_id.split(b"-")[0]) + 0.5
+            added_ms = entry_ms(entry_id.decode()) + 0.5
             latencies.append(added_ms - float(fields[b"ts"]) * 1000)
     latencies.sort()
     return pairs, latencies

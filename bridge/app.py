@@ -130,17 +130,21 @@ class BridgeApp:
             size += len(item.inbound.payload)
         return batch
 
+    def _due_in(self) -> float | None:
+        """Seconds until the next batch should leave: 0 once it is full or its oldest message
+        has waited `max_delay_ms`; None while nothing is pending."""
+        if not self.pending:
+            return None
+        limits = self.settings.bridge.batch
+        if len(self.pending) >= limits.max_size:
+            return 0.0
+        oldest = self.pending[0].inbound.received
+        return max(0.0, oldest + limits.max_delay_ms / 1000 - time.monotonic())
+
     async def _let_batch_fill(self, stop: asyncio.Event) -> None:
-        """Wait up to max_delay_ms after the oldest message, so one round trip carries many."""
-        delay_s = self.settings.bridge.batch.max_delay_ms / 1000
-        if (
-            len(self.pending) >= self.settings.bridge.batch.max_size
-            or delay_s <= 0
-            or stop.is_set()
-        ):
-            return
-        wait_s = self.pending[0].inbound.received + delay_s - time.monotonic()
-        if wait_s > 0:
+        """Wait until the batch is due, so one round trip carries many."""
+        wait_s = self._due_in()
+        if wait_s and not stop.is_set():
             await asyncio.sleep(wait_s)
 
     async def _write_loop(self, stop: asyncio.Event) -> None:
@@ -174,15 +178,6 @@ class BridgeApp:
         overtake it): also while a batch is held for want of spool space, which the drain frees."""
         return self.spooling and not stop.is_set() and all(b.write is None for b in self.batches)
 
-    def _due(self) -> bool:
-        """The next batch should leave now: it is full, or its oldest message has waited
-        `max_delay_ms`."""
-        limits = self.settings.bridge.batch
-        return len(self.pending) >= limits.max_size or (
-            bool(self.pending)
-            and time.monotonic() - self.pending[0].inbound.received >= limits.max_delay_ms / 1000
-        )
-
     def _may_send_beside(self) -> bool:
         """Another batch may join those in flight: a free pipeline slot, every batch ahead of
         it on its way to Redis (none held after a failure), and Redis in use directly."""
@@ -200,7 +195,7 @@ class BridgeApp:
         stored again first (Redis, spool, or held) by `_settle`, one batch at a time, so entries
         keep their order."""
         while self.pending:
-            if self.batches and not (self._may_send_beside() and self._due()):
+            if self.batches and not (self._may_send_beside() and self._due_in() == 0):
                 return
             items = self._take_batch()
             write = None
@@ -213,12 +208,11 @@ class BridgeApp:
         """Wait for the head's write; True if the next batch fell due first and may be sent
         beside it. Wakes when the head is written, a first message arrives, or the oldest one
         reaches its delay: not per message, and never in a loop while Redis is slow."""
-        delay_s = self.settings.bridge.batch.max_delay_ms / 1000
         while head.write is not None and not head.write.done() and self._may_send_beside():
-            if self._due():
+            due_in = self._due_in()
+            if due_in == 0:
                 return True
-            if self.pending:
-                due_in = self.pending[0].inbound.received + delay_s - time.monotonic()
+            if due_in is not None:
                 await asyncio.wait([head.write], timeout=due_in)
                 continue
             self._arrived.clear()
