@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
+from bridge.app import BridgeApp
 from config.keys import Keys
 from config.settings import Settings
 from tests.clients import Publisher, running_bridge, sample, telemetry, wait_for
@@ -25,6 +28,29 @@ def own_redis(tmp_path: Path) -> Iterator[Service]:
     service.start()
     yield service
     service.stop()
+
+
+async def test_the_bridge_refuses_a_redis_that_would_evict_streams(
+    make_settings: Callable[..., Settings], unique: str, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Under allkeys-lru every XADD succeeds while Redis deletes whole streams to make room: the
+    bridge exits 2 with the reason before it takes a single message."""
+    evicting = redis_of_its_own(tmp_path / "redis", "--maxmemory-policy", "allkeys-lru")
+    evicting.start()
+    try:
+        settings = make_settings(
+            redis={"url": f"redis://127.0.0.1:{evicting.port}/0", "key_prefix": unique}
+        )
+        app = BridgeApp(settings, CollectorRegistry())
+        with pytest.raises(SystemExit) as exited:
+            async with asyncio.timeout(20):  # a bridge that accepted it would run on
+                await app.run(asyncio.Event())
+    finally:
+        evicting.stop()
+    assert exited.value.code == 2
+    assert "maxmemory-policy is allkeys-lru" in caplog.text
+    assert not app.source.connected  # MQTT was never reached
 
 
 async def test_at_the_memory_bound_nothing_is_acked_and_nothing_lost_once_memory_is_freed(
