@@ -1,7 +1,9 @@
 """The processes of a benchmark subject: started, watched and stopped by PID, measured from outside.
 
-A subject is `baseline` (bench/baseline.py), `bridge` (one `iotbridge bridge`) or `bridge2` (two
-bridges in one shared subscription group), each configured through its command line or environment.
+A subject is `limit` (`mosquitto_sub`, a C subscriber that only counts), `baseline`
+(bench/baseline.py), `bridge` (one `iotbridge bridge`), `bridge2` (two bridges in one shared
+subscription group) or `pipeline` (one bridge and one `iotbridge worker`), each configured through
+its command line or environment.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import hashlib
 import importlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,17 +21,21 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from bench.results import WorkerBench
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 SHARED_GROUP = "bench"
-# What `python -m bridge.cli bridge` imports from the repository.
-PACKAGES = ("bridge", "config", "observability")
+# What `python -m bridge.cli bridge` (and `worker`) imports from the repository.
+PACKAGES = ("bridge", "config", "observability", "workers")
+SUBJECTS = ("limit", "baseline", "bridge", "bridge2", "pipeline")
 
 # The integration tests' server helpers, imported by name so that `mypy bench` checks bench only.
 services = importlib.import_module("tests.services")
@@ -50,11 +57,17 @@ class Proc:
     client_id: str = ""  # a subject's MQTT client id: its session is cleared after the run
     popen: subprocess.Popen[bytes] | None = None
     starts: int = 0  # the baseline prints `ready` once per start
+    stdout: Path | None = None  # the C subscriber's output (/dev/null), apart from the log
+    session_argv: list[str] | None = None  # run to its exit to create the session (C subscriber)
+    early: bool = False  # the worker: started and ready before the drain window can open
+    holds_session: bool = True  # an MQTT client: its session is created before the backlog
 
     def start(self) -> None:
-        with self.log.open("ab") as out:
+        with self.log.open("ab") as err, contextlib.ExitStack() as files:
+            out = files.enter_context(self.stdout.open("wb")) if self.stdout else err
+            stderr = err if self.stdout else subprocess.STDOUT
             self.popen = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.cwd, env=self.env
+                self.argv, stdout=out, stderr=stderr, cwd=self.cwd, env=self.env
             )
 
     @property
@@ -109,39 +122,89 @@ def snapshot_code(dest: Path) -> tuple[Path, str]:
 
 def subject_procs(
     subject: str, mqtt_url: str, redis_url: str, prefix: str, workdir: Path, code: Path,
-    bridge_env: dict[str, str] | None = None,
+    bridge_env: dict[str, str] | None = None, route_filter: str = "plant/+/+/+/telemetry",
+    drain_n: int = 0,
 ) -> list[Proc]:  # fmt: skip
-    """The subject's processes; a bridge runs from `code` (its working directory comes first on
-    sys.path, before the editable install's finder)."""
+    """The subject's processes; a bridge or worker runs from `code` (its working directory comes
+    first on sys.path, before the editable install's finder)."""
+    client_id = f"{prefix}-0"
+    if subject == "limit":
+        return [limit_proc(mqtt_url, route_filter, client_id, workdir, drain_n)]
     if subject == "baseline":
-        client_id = f"{prefix}-0"
         argv = [sys.executable, str(BENCH / "baseline.py"), "--mqtt-url", mqtt_url,
                 "--redis-url", redis_url, "--prefix", prefix, "--client-id", client_id]  # fmt: skip
         return [Proc("baseline", argv, dict(os.environ), workdir / f"{prefix}-0.log",
                      client_id=client_id)]  # fmt: skip
-    count = {"bridge": 1, "bridge2": 2}[subject]
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("IOTBRIDGE_")}
+    count = {"bridge": 1, "bridge2": 2, "pipeline": 1}[subject]
+    env = iotbridge_env(redis_url, prefix) | {"IOTBRIDGE_MQTT__URL": mqtt_url,
+                                              "IOTBRIDGE_MQTT__PROTOCOL": "5"}  # fmt: skip
     procs = []
     for index in range(count):
         port = free_port()
         client_id = f"{prefix}-{index}"
-        env = base_env | {
-            "IOTBRIDGE_MQTT__URL": mqtt_url,
-            "IOTBRIDGE_MQTT__PROTOCOL": "5",
-            "IOTBRIDGE_MQTT__CLIENT_ID": client_id,
-            "IOTBRIDGE_REDIS__URL": redis_url,
-            "IOTBRIDGE_REDIS__KEY_PREFIX": prefix,
-            "IOTBRIDGE_BRIDGE__METRICS_PORT": str(port),
-            "IOTBRIDGE_LOGGING__LEVEL": "WARNING",
-        }
+        mine = env | {"IOTBRIDGE_MQTT__CLIENT_ID": client_id,
+                      "IOTBRIDGE_BRIDGE__METRICS_PORT": str(port)}  # fmt: skip
         if count > 1:
-            env["IOTBRIDGE_BRIDGE__SHARED_GROUP"] = SHARED_GROUP
-        env |= bridge_env or {}
+            mine["IOTBRIDGE_BRIDGE__SHARED_GROUP"] = SHARED_GROUP
+        mine |= bridge_env or {}
         argv = [sys.executable, "-m", "bridge.cli", "bridge"]
         log = workdir / f"{prefix}-{index}.log"
-        procs.append(Proc(f"bridge-{index}", argv, env, log, cwd=code, metrics_port=port,
+        procs.append(Proc(f"bridge-{index}", argv, mine, log, cwd=code, metrics_port=port,
                           client_id=client_id))  # fmt: skip
+    if subject == "pipeline":
+        port = free_port()
+        # The same settings as the bridge (--bridge-env too: a shard count must agree).
+        mine = iotbridge_env(redis_url, prefix) | {"IOTBRIDGE_WORKER__METRICS_PORT": str(port)}
+        mine |= bridge_env or {}
+        argv = [sys.executable, "-m", "bridge.cli", "worker"]
+        procs.append(Proc("worker", argv, mine, workdir / f"{prefix}-worker.log", cwd=code,
+                          metrics_port=port, early=True, holds_session=False))  # fmt: skip
     return procs
+
+
+def iotbridge_env(redis_url: str, prefix: str) -> dict[str, str]:
+    """The harness's environment without its own IOTBRIDGE_ settings, pointed at the run's Redis."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("IOTBRIDGE_")}
+    return base | {"IOTBRIDGE_REDIS__URL": redis_url, "IOTBRIDGE_REDIS__KEY_PREFIX": prefix,
+                   "IOTBRIDGE_LOGGING__LEVEL": "WARNING"}  # fmt: skip
+
+
+def limit_proc(mqtt_url: str, route_filter: str, client_id: str, workdir: Path, n: int) -> Proc:
+    """`mosquitto_sub` on the route's filter with the bridge's session and flow control (MQTT 5,
+    QoS 1, a persistent session, receive maximum 1000), exiting after the n-th message (`-C`). It
+    prints one `.` per message (nothing of the payload) to /dev/null: it still flushes stdout per
+    message, one write to /dev/null beside its PUBACK. Its session is created with `-E` (exit once
+    subscribed)."""
+    binary = shutil.which("mosquitto_sub")
+    if binary is None:
+        raise RuntimeError("the limit needs mosquitto_sub (mosquitto-clients)")
+    host, port = mqtt_url.removeprefix("mqtt://").rsplit(":", 1)
+    argv = [binary, "-h", host, "-p", port, "-V", "mqttv5", "-q", "1", "-c", "-x", "7200",
+            "-i", client_id, "-t", route_filter, "-D", "connect", "receive-maximum", "1000"]  # fmt: skip
+    return Proc("mosquitto_sub", [*argv, "-F", ".", "-C", str(n)], dict(os.environ),
+                workdir / f"{client_id}.log", client_id=client_id, stdout=Path(os.devnull),
+                session_argv=[*argv, "-E"])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the harness reads of the settings the subjects run with."""
+
+    route_filter: str  # the default route's subscription filter
+    stream_shards: int
+    worker_group: str
+
+
+def layout(route: str, bridge_env: dict[str, str]) -> Layout:
+    """The shipped settings with the run's overrides, as a bridge or worker of the run loads them."""
+    loader = importlib.import_module("config.loader")
+    routing = importlib.import_module("bridge.routing")
+    env = iotbridge_env("redis://127.0.0.1:6379/0", "bench") | bridge_env
+    with mock.patch.dict(os.environ, env, clear=True):
+        settings = loader.load()
+    found = next(r for r in settings.bridge.routes if r.name == route)
+    return Layout(routing.Route.compile(found).filter, settings.redis.stream_shards,
+                  settings.worker.group)  # fmt: skip
 
 
 def start_all(procs: list[Proc]) -> None:
@@ -163,7 +226,7 @@ def stop_all(procs: list[Proc]) -> list[int | None]:
 def counters(proc: Proc) -> dict[str, int]:
     """The bridge process's own account, from its /metrics: messages received, forwarded,
     rejected, duplicate, dropped (each summed over its labels)."""
-    if proc.metrics_port is None:
+    if proc.metrics_port is None or not proc.name.startswith("bridge"):
         return {}
     status, text = services.http_get(proc.metrics_port, "/metrics", 2)
     if status != 200:
@@ -216,3 +279,31 @@ def cpu_hog(fraction: float, seconds: float) -> Iterator[None]:
     finally:
         hog.kill()
         hog.wait()
+
+
+_WORKER_FULL = re.compile(
+    r"^full\s+([\d,]+) entries/s\s+([\d.]+) CPU us/entry\s+\(redis\s+([\d.]+)\)"
+)
+
+
+def worker_bench(redis_url: str, entries: int, assets: int, log: Path) -> WorkerBench:
+    """bench/worker_bench.py as its own process, on the run's Redis: its `full` line (one worker,
+    every detector, on a stream filled beforehand). Its other modes and the state measurement run
+    too (the smallest state sample it takes); whatever it prints goes to `log`."""
+    argv = [sys.executable, str(BENCH / "worker_bench.py"), "--entries", str(entries),
+            "--assets", str(assets), "--state-assets", "100", "--redis-url", redis_url]  # fmt: skip
+    result = WorkerBench(entries)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                              check=False)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        result.error = "timed out after 300 s"
+        return result
+    log.write_text(done.stdout + done.stderr)
+    found = next(filter(None, map(_WORKER_FULL.match, done.stdout.splitlines())), None)
+    if done.returncode != 0 or found is None:
+        result.error = f"exit code {done.returncode}, no `full` line (see {log.name})"
+        return result
+    result.rate = float(found.group(1).replace(",", ""))
+    result.cpu_us, result.redis_cpu_us = float(found.group(2)), float(found.group(3))
+    return result

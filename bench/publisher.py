@@ -10,6 +10,8 @@ stopped subscriber); `--rate R --duration S` publishes R msg/s for S seconds on 
 starting at wall time `--start-at` so several publishers start together. `ts` is the wall time just
 before the message is written to the socket: publish-to-XADD latency is measured from it. The
 process exits once the broker has acknowledged (PUBACK) every message, or after `--ack-timeout`.
+The harness starts these processes with `publish()` and rebuilds what they sent with
+`expected_pairs()`, both below.
 
 Two clients: `raw` (default) writes pre-encoded MQTT 3.1.1 QoS 1 PUBLISH packets on a plain socket,
 a batch per wake-up, and counts PUBACKs; `paho` calls paho-mqtt's `publish()` per message. Measured
@@ -26,9 +28,15 @@ import resource
 import select
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from bench.results import Plan
 
 # Unacknowledged QoS 1 messages: the broker's receive maximum (mosquitto max_inflight_messages).
 WINDOW = 1000
@@ -204,6 +212,66 @@ def drive(
         "max_lag_s": round(max_lag_s, 4),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
     }
+
+
+# --- the harness's side: the publisher processes of one phase, and what they sent -------------
+
+
+def publish(
+    mqtt_url: str, plan: Plan, tag: str, workdir: Path, *, start_seq: int, count: int = 0,
+    rate: float = 0.0, duration_s: float = 0.0,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Run the publisher processes (backlog: `count` in all; paced: `rate` in all) to the end."""
+    n = plan.publishers
+    start_at = time.time() + 1.5  # time to start and connect, so all begin together
+    runs = []
+    for index in range(n):
+        argv = [sys.executable, str(Path(__file__).resolve()), "--mqtt-url", mqtt_url,
+                "--client-id", f"{tag}-pub-{index}", "--client", plan.publisher,
+                "--assets", str(plan.assets),
+                "--index", str(index), "--of", str(n), "--start-seq", str(start_seq)]  # fmt: skip
+        if count:
+            argv += ["--count", str(count // n + (1 if index < count % n else 0))]
+        else:
+            argv += ["--rate", str(rate / n), "--duration", str(duration_s)]
+            argv += ["--start-at", str(start_at)]
+        log = (workdir / f"{tag}-pub-{index}.err").open("wb")
+        runs.append(
+            (
+                subprocess.Popen(
+                    argv,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    cwd=Path(__file__).resolve().parents[1],
+                ),
+                log,
+            )
+        )
+    reports = []
+    limit_s = 120 + duration_s + count / 2000
+    for popen, log in runs:
+        try:
+            out, _ = popen.communicate(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            out, _ = popen.communicate()
+        log.close()
+        if popen.returncode != 0 or not out.strip():
+            raise RuntimeError(f"publisher exited with {popen.returncode}; see {log.name}")
+        reports.append(json.loads(out.decode().strip().splitlines()[-1]))
+    return reports
+
+
+def expected_pairs(
+    plan: Plan, reports: list[dict[str, Any]], start_seq: int
+) -> set[tuple[str, int]]:
+    """What the publishers sent, rebuilt from their counts (see bench/publisher.py)."""
+    pairs = set()
+    for index, report in enumerate(reports):
+        mine = [k for k in range(plan.assets) if k % len(reports) == index]
+        for i in range(report["published"]):
+            pairs.add((f"a{mine[i % len(mine)]}", start_seq + i // len(mine)))
+    return pairs
 
 
 def main() -> None:
