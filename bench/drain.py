@@ -205,8 +205,8 @@ def read_streams(
     pairs: Counter[tuple[str, int]] = Counter()
     latencies = []
     # The client is not decode_responses: ids, keys and values are bytes.
-    entries = cast(Iterator[tuple[bytes, dict[bytes, bytes]]],
-                   (e for stream in streams for e in audit.read_stream(r, stream, 1000)))  # fmt: skip
+    every = (e for stream in streams for e in audit.read_stream(r, stream, 1000))
+    entries = cast(Iterator[tuple[bytes, dict[bytes, bytes]]], every)
     for entry_id, fields in entries:
         seq = int(fields[b"seq"])
         pairs[(fields[b"asset"].decode(), seq)] += 1

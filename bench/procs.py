@@ -180,7 +180,8 @@ def limit_proc(mqtt_url: str, route_filter: str, client_id: str, workdir: Path, 
         raise RuntimeError("the limit needs mosquitto_sub (mosquitto-clients)")
     host, port = mqtt_url.removeprefix("mqtt://").rsplit(":", 1)
     argv = [binary, "-h", host, "-p", port, "-V", "mqttv5", "-q", "1", "-c", "-x", "7200",
-            "-i", client_id, "-t", route_filter, "-D", "connect", "receive-maximum", "1000"]  # fmt: skip
+            "-i", client_id, "-t", route_filter,
+            "-D", "connect", "receive-maximum", "1000"]  # fmt: skip
     return Proc("mosquitto_sub", [*argv, "-F", ".", "-C", str(n)], dict(os.environ),
                 workdir / f"{client_id}.log", client_id=client_id, stdout=Path(os.devnull),
                 session_argv=[*argv, "-E"])  # fmt: skip
@@ -196,7 +197,7 @@ class Layout:
 
 
 def layout(route: str, bridge_env: dict[str, str]) -> Layout:
-    """The shipped settings with the run's overrides, as a bridge or worker of the run loads them."""
+    """The shipped settings with the run's overrides, as the run's bridges and worker load them."""
     loader = importlib.import_module("config.loader")
     routing = importlib.import_module("bridge.routing")
     env = iotbridge_env("redis://127.0.0.1:6379/0", "bench") | bridge_env

@@ -46,7 +46,7 @@ class Plan:
 
 @dataclass
 class WorkerBench:
-    """bench/worker_bench.py's `full` mode: one worker with every detector, entries already stored."""
+    """bench/worker_bench.py's `full` mode: one worker, every detector, on entries stored before."""
 
     entries: int
     rate: float = math.nan
@@ -57,8 +57,9 @@ class WorkerBench:
     def note(self) -> str:
         if self.error:
             return f"worker alone (bench/worker_bench.py): not measured: {self.error}"
-        return (f"worker alone, every detector (bench/worker_bench.py, {self.entries:,} stored "
-                f"entries): {self.rate:,.0f} entries/s, {self.cpu_us:.0f} CPU µs/entry "
+        return (f"worker alone, every detector (bench/worker_bench.py once after the rounds, "
+                f"from the working tree, {self.entries:,} stored entries): {self.rate:,.0f} "
+                f"entries/s, {self.cpu_us:.0f} CPU µs/entry "
                 f"(+ Redis {self.redis_cpu_us:.0f})")  # fmt: skip
 
 
@@ -305,7 +306,8 @@ def code_version(snapshot_hash: str) -> str:
                                text=True, timeout=10, check=True)  # fmt: skip
         changed = " plus uncommitted changes in bridge/, config/, observability/ or workers/"
         commit = head.stdout.strip() + (changed if dirty.stdout.strip() else "")
-        return f"{commit}; the bridges and the worker ran from a copy taken at the start, sha256 {snapshot_hash}"
+        copy = "the bridges and the worker ran from a copy taken at the start"
+        return f"{commit}; {copy}, sha256 {snapshot_hash}"
     return f"unknown commit; the bridges and the worker ran from a copy, sha256 {snapshot_hash}"
 
 
@@ -341,8 +343,8 @@ def markdown(
         f"- servers: {about.servers}; mosquitto `persistence false`, `{conf}`; redis-server "
         "without persistence; everything on 127.0.0.1",
         f"- {plan.rounds} round(s), each running every subject in turn; a ratio compares a subject "
-        "with the baseline of its own round; the summary shows medians over the rounds (max: the "
-        "worst), and counts summed",
+        "with the limit or the baseline of its own round; the summary shows medians over the "
+        "rounds (max: the worst), and counts summed",
         f"- drain: N = {drain} QoS 1 messages queued at the broker for the stopped subject, over "
         f"{plan.assets:,} assets; msg/s and CPU from the first entry seen in the stream to the "
         "N-th; CPU = the subject's processes (user + system); Redis's and Mosquitto's beside it",

@@ -122,7 +122,8 @@ def run_subject(subject: str, plan: Plan, env: Env, round_no: int) -> Result:
     # The baseline writes one stream, whatever the bridge's shard count.
     keys = Keys(prefix, 1 if subject == "baseline" else env.layout.stream_shards)
     procs = subject_procs(subject, env.mqtt_url, env.redis_url, prefix, env.workdir, env.code,
-                          plan.bridge_env, env.layout.route_filter, plan.drain_n[subject])  # fmt: skip
+                          plan.bridge_env, env.layout.route_filter,
+                          plan.drain_n[subject])  # fmt: skip
     result = Result(subject, len(procs), round_no, drain_n=plan.drain_n[subject])
     print(f"\n== round {round_no + 1}/{plan.rounds}, {subject}: {len(procs)} process(es), "
           f"drain N={result.drain_n:,}", flush=True)  # fmt: skip
@@ -274,9 +275,10 @@ def _check(
     result.p99_ms = percentile(latencies, 0.99)
     result.max_ms = latencies[-1] if latencies else math.nan
     if result.live_msgs:
-        print(f"   live: {result.live_rate:,.0f} msg/s achieved (target {result.live_target_rate:,.0f}), "
-              f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, max {result.max_ms:.1f} ms; "
-              f"subject {result.live_cpu_us:.0f} CPU us/msg, publishers {result.publisher_cpu_us:.0f}, "
+        print(f"   live: {result.live_rate:,.0f} msg/s achieved (target "
+              f"{result.live_target_rate:,.0f}), p50 {result.p50_ms:.1f} ms, p99 "
+              f"{result.p99_ms:.1f} ms, max {result.max_ms:.1f} ms; subject "
+              f"{result.live_cpu_us:.0f} CPU us/msg, publishers {result.publisher_cpu_us:.0f}, "
               f"publisher max lag {result.publisher_max_lag_ms:.1f} ms", flush=True)  # fmt: skip
     print(f"   check: published {result.published}, stored {result.stored}, lost {result.lost}, "
           f"duplicated {result.duplicated}, unexpected {result.unexpected}, "
@@ -295,10 +297,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]
                         help=f"comma-separated, of: {', '.join(SUBJECTS)}")  # fmt: skip
     parser.add_argument("--n-baseline", type=int, help="backlog of the baseline")
     parser.add_argument("--n-bridge", type=int,
-                        help="backlog of every other subject (limit, bridges, pipeline)")  # fmt: skip
+                        help="backlog of the other subjects")  # fmt: skip
     parser.add_argument("--live-s", type=float, help="seconds of the live phase")
     parser.add_argument("--rounds", type=int, help="rounds of all subjects (default 3; quick 1)")
-    parser.add_argument("--assets", type=int, default=1000)
+    parser.add_argument("--assets", type=int, default=1000,
+                        help="assets the messages go round (the limit is defined on 1,000)")  # fmt: skip
     parser.add_argument("--publishers", type=int, default=2, help="publisher processes")
     parser.add_argument("--publisher", choices=["raw", "paho"], default="raw",
                         help="publisher client (bench/publisher.py)")  # fmt: skip
@@ -309,7 +312,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]
     parser.add_argument("--results", choices=["auto", "write", "skip"], default="auto",
                         help="update bench/RESULTS.md (auto: on full runs only)")  # fmt: skip
     parser.add_argument("--bridge-env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra setting for the bridges, e.g. IOTBRIDGE_BRIDGE__BATCH__MAX_SIZE=1000")  # fmt: skip
+                        help="extra setting for the bridges and the worker, e.g. "
+                             "IOTBRIDGE_BRIDGE__BATCH__MAX_SIZE=1000")  # fmt: skip
     parser.add_argument("--stagger-s", type=float, default=0.0,
                         help="bridge2: start the second bridge this much later (uneven drain)")  # fmt: skip
     parser.add_argument("--cpu-hog", type=float, default=0.0, metavar="FRACTION",
