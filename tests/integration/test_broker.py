@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -267,6 +268,36 @@ def shipped_conf_for_test(tmp_path: Path, port: int, credentials: tuple[str, str
     return path
 
 
+def autosave_interval_s() -> int:
+    """The shipped broker's save interval (seconds)."""
+    match = re.search(r"^autosave_interval (\d+)$", MOSQUITTO_CONF.read_text(), re.MULTILINE)
+    assert match, "broker/mosquitto.conf sets autosave_interval"
+    return int(match.group(1))
+
+
+def _db_inode(data: Path) -> int | None:
+    try:
+        return (data / "mosquitto.db").stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def wait_for_save(data: Path) -> float:
+    """Wait for the broker's next completed save of its persistence file; seconds waited.
+
+    Call it right after the last PUBACK that matters. Mosquitto is single-threaded and stores a
+    message before it acknowledges it, so a save that completes after that PUBACK was received
+    holds the message. Each save writes `mosquitto.db.new` and renames it over the old file: a
+    new inode is a completed save.
+    """
+    before, started = _db_inode(data), time.monotonic()
+    # Mosquitto saves when more than autosave_interval whole seconds have passed: the interval plus
+    # one second, plus the save (a few kilobytes here) and a margin for a busy machine.
+    bound_s = autosave_interval_s() + 1 + 10
+    wait_until(lambda: _db_inode(data) not in (None, before), bound_s, "the broker's next save")
+    return time.monotonic() - started
+
+
 def test_mosquitto_conf_keeps_queued_messages_across_kill_9(tmp_path: Path, unique: str) -> None:
     port = free_port()
     credentials = ("iotbridge", "test-password")
@@ -286,11 +317,11 @@ def test_mosquitto_conf_keeps_queued_messages_across_kill_9(tmp_path: Path, uniq
         publisher = Client(port, f"{unique}-pub", auth=credentials).connect()
         sent = payloads(50)
         publisher.publish_all(f"{unique}/telemetry", sent)
-        # Mosquitto sends a PUBACK before its end-of-loop save, so a kill -9 right after the last
-        # PUBACK can lose that message (measured: 49 of 50 came back). One more round trip is
-        # answered in a later loop pass, after the save that holds all 50 has finished.
-        publisher.publish_all(f"{unique}-barrier", [b"barrier"])
         publisher.close()
+        # The loss window: what was acknowledged before the broker's next save survives a kill -9;
+        # that save comes within autosave_interval (+1 s: mosquitto counts whole seconds).
+        waited_s = wait_for_save(tmp_path / "data")
+        assert waited_s <= autosave_interval_s() + 1 + 10
 
         service.kill()
         service.start()

@@ -46,12 +46,13 @@ def test_mosquitto_conf_is_safe_by_default() -> None:
     assert conf["allow_anonymous"] == ["false"]
 
 
-def test_mosquitto_conf_persists_on_every_change() -> None:
+def test_mosquitto_conf_saves_by_time_with_a_loss_window_of_seconds() -> None:
     conf = settings()
     assert conf["persistence"] == ["true"]
     assert conf["persistence_location"][0].endswith("/")
-    assert conf["autosave_on_changes"] == ["true"]
-    assert conf["autosave_interval"] == ["1"]
+    # Saving on every change rewrites the whole queue per PUBACK (116-1,715 msg/s measured).
+    assert conf["autosave_on_changes"] == ["false"]
+    assert 1 <= int(conf["autosave_interval"][0]) <= 10
 
 
 def test_mosquitto_conf_queues_are_bounded_and_sized_for_outages() -> None:
