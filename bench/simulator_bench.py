@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -89,8 +91,15 @@ def _memory(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def simulate(port: int, counter: BrokerCounter, **options: Any) -> dict[str, Any]:
-    """One run; the broker-side rate over its middle, peak memory, and the simulator's report."""
+def simulate(
+    port: int,
+    counter: BrokerCounter,
+    stall: tuple[float, float, int] | None = None,
+    env_extra: dict[str, str] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """One run; the broker-side rate over its middle, peak memory, CPU, and the simulator's
+    report. `stall`: (after s, for s, broker pid): the broker is stopped (SIGSTOP) that long."""
     args = [sys.executable, "-m", "bridge.cli", "simulate", "--no-progress", "--log-level",
             "WARNING"]  # fmt: skip
     for name, value in options.items():
@@ -100,16 +109,35 @@ def simulate(port: int, counter: BrokerCounter, **options: Any) -> dict[str, Any
            "IOTBRIDGE_SIMULATOR__METRICS_PORT": "0",
            "IOTBRIDGE_SIMULATOR__ASSETS_PER_CONNECTION": str(options.get("assets_per_connection", 250)),
            "IOTBRIDGE_SIMULATOR__CONNECT_RATE_PER_S": str(options.get("connect_rate_per_s", 1000)),
-           "IOTBRIDGE_SIMULATOR__CLIENT_ID_PREFIX": f"bench{time.monotonic_ns()}"}  # fmt: skip
+           "IOTBRIDGE_SIMULATOR__CLIENT_ID_PREFIX": f"bench{time.monotonic_ns()}",
+           **(env_extra or {})}  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     peak_rss = peak_pss = 0
-    while proc.poll() is None:
-        rss, pss = _memory(proc.pid)
-        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-        time.sleep(0.5)
-    report = json.loads(proc.stdout.read().splitlines()[-1]) if proc.stdout else {}
+    stopped_at: float | None = None
+    try:
+        while proc.poll() is None:
+            rss, pss = _memory(proc.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            if stall is not None:
+                after_s, for_s, broker_pid = stall
+                now = time.monotonic()
+                if stopped_at is None and now - started >= after_s:
+                    os.kill(broker_pid, signal.SIGSTOP)
+                    stopped_at = now
+                elif stopped_at is not None and now - stopped_at >= for_s:
+                    os.kill(broker_pid, signal.SIGCONT)
+                    stall = None
+            time.sleep(0.5)
+    finally:
+        if stall is not None and stopped_at is not None:
+            os.kill(stall[2], signal.SIGCONT)
+    output = proc.stdout.read() if proc.stdout else ""
     ended = time.monotonic()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    report = json.loads(output.splitlines()[-1]) if output.strip() else {}
     # The publishing window is the last `duration` seconds before the drain; keep its middle.
     duration = float(options["duration"])
     publish_end = ended - 1.5
@@ -123,19 +151,34 @@ def simulate(port: int, counter: BrokerCounter, **options: Any) -> dict[str, Any
         "broker_rate": round(broker_rate, 1),
         "broker_vs_target_pct": round(100 * (broker_rate / target - 1), 2) if target else None,
         "achieved_rate": report.get("achieved_rate_msgs_per_s"),
+        "processes": report.get("processes"),
+        "scheduled": report.get("scheduled"),
         "sent": report.get("sent"),
+        "acked": report.get("acked"),
         "unsent": report.get("unsent"),
+        "skipped": report.get("skipped"),
+        "skipped_by_reason": report.get("skipped_by_reason"),
         "failed": report.get("failed_by_kind"),
         "publish_ack_latency_s": report.get("publish_ack_latency_s"),
         "peak_rss_mb": round(peak_rss / 1e6, 1),
         "peak_pss_mb": round(peak_pss / 1e6, 1),
+        "cpu_s": round(cpu_s, 2),
+        "cpu_us_per_msg": round(cpu_s * 1e6 / report["sent"], 1) if report.get("sent") else None,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["memory", "schedule", "qos0", "qos1"], action="append")
+    parser.add_argument(
+        "--only", choices=["memory", "schedule", "qos0", "qos1", "target", "stall"], action="append"
+    )
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=40.0, help="target and stall runs")
+    parser.add_argument(
+        "--target-processes",
+        default="1",
+        help="target run: a process count, or 0 for the simulator's own choice (auto)",
+    )
     args = parser.parse_args()
     todo = set(args.only or ["memory", "schedule", "qos0", "qos1"])
     results: dict[str, Any] = {}
@@ -148,6 +191,20 @@ def main() -> None:
         broker.start()
         counter = BrokerCounter(broker.port)
         try:
+            if "target" in todo:
+                # The goal: 100,000 assets every 10 s, 10,000 msg/s at QoS 1.
+                chosen = (
+                    {} if args.target_processes == "0" else {"processes": args.target_processes}
+                )
+                results["target"] = simulate(broker.port, counter, assets=100_000, rate=0.1,
+                                             duration=args.duration, qos=1, **chosen)  # fmt: skip
+            if "stall" in todo:
+                # The broker stopped (SIGSTOP) for half the run: memory must stay bounded and
+                # what was not sent is counted.
+                stall = (args.duration * 0.3, args.duration * 0.5, broker.pid)
+                results["stall"] = simulate(broker.port, counter, stall=stall, assets=100_000,
+                                            rate=0.1, duration=args.duration, qos=1,
+                                            processes=1)  # fmt: skip
             if todo & {"memory", "schedule"}:
                 # 100,000 assets every 10 s: 10,000 msg/s, QoS 1, over 400 connections; the
                 # bytes per asset from one process against a 100-asset run of one process.

@@ -253,6 +253,18 @@ class SimulatorSettings(Section):
     max_in_flight: int = Field(
         1000, gt=0, description="Unacknowledged QoS 1 publishes per connection."
     )
+    max_outstanding: int = Field(
+        50_000,
+        gt=0,
+        description="Unacknowledged QoS 1 publishes per process, over all its connections: with "
+        "max_in_flight, what bounds the memory a slow broker costs.",
+    )
+    max_lag_s: float = Field(
+        2.0,
+        gt=0,
+        description="A scheduled message not sent this long after it was due is skipped (counted "
+        "as behind_schedule), never queued.",
+    )
     anomaly_rate: float = Field(
         0.001,
         ge=0,

@@ -7,12 +7,15 @@ epoch its `ts` falls in. Messages with a skewed clock are listed apart (`bad`): 
 dead-lettered or, for a skew inside the bridge's clock window, stored, and are never counted as
 lost, duplicated or unexpected. The other deliberately bad messages (malformed, wrong types,
 oversized) are extra messages that can only be dead-lettered, and are not recorded at all.
+Messages the simulator sent and gave up on without a PUBACK are listed apart too (`unconfirmed`):
+the broker may have taken them before the connection dropped, so one found in a stream is
+marked for the audit, which counts it as `unconfirmed`, neither acknowledged nor unexpected.
 
 Engines record with `simulators.acklog.AckLog` and write their part of the file at the end.
 
 The file (`--acked FILE`) is JSON lines: a header, then one line per asset that had anything
 acknowledged: `{"asset": "a000001", "acked": [[epoch, first, last], ...], "epochs": [ts, ...],
-"bad": [[epoch, seq], ...]}` (ranges inclusive, `epochs[i]` the device time epoch i+1 began).
+"bad": [[epoch, seq], ...], "unconfirmed": [[epoch, first, last], ...]}` (ranges inclusive, `epochs[i]` the device time epoch i+1 began).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from simulators.acklog import FORMAT, AckLog, write_records
-from simulators.audit import Entry, SeqSet, entry_field
+from simulators.audit import UNCONFIRMED, Entry, SeqSet, entry_field
 
 __all__ = ["FORMAT", "AckLog", "Acked", "epoch_key", "load", "write", "write_header"]
 
@@ -52,6 +55,7 @@ class Acked:
     header: dict[str, Any]
     acked: SeqSet = field(default_factory=SeqSet)
     bad: set[tuple[str, int]] = field(default_factory=set)
+    unconfirmed: SeqSet = field(default_factory=SeqSet)
     epochs: dict[str, list[float]] = field(default_factory=dict)
 
     def identity(self, asset: str, seq: int, ts: float | None) -> tuple[str, int]:
@@ -62,7 +66,7 @@ class Acked:
 
     def telemetry(self, entries: Iterable[Entry], skipped: list[int]) -> Iterator[Entry]:
         """Stream entries as the audit should see them: named by epoch, bad messages left out
-        (counted in `skipped[0]`)."""
+        (counted in `skipped[0]`), unconfirmed ones marked (`audit.UNCONFIRMED`)."""
         for entry_id, fields in entries:
             asset, seq, ts = (entry_field(fields, name) for name in ("asset", "seq", "ts"))
             if asset is None or seq is None or not seq.isdigit():
@@ -76,7 +80,10 @@ class Acked:
             if (name, number) in self.bad:
                 skipped[0] += 1
                 continue
-            yield entry_id, {"asset": name, "seq": str(number)}
+            if (name, number) in self.unconfirmed and (name, number) not in self.acked:
+                yield entry_id, {"asset": name, "seq": str(number), UNCONFIRMED: "1"}
+            else:
+                yield entry_id, {"asset": name, "seq": str(number)}
 
 
 def load(path: str | Path) -> Acked:
@@ -91,6 +98,8 @@ def load(path: str | Path) -> Acked:
             asset = record["asset"]
             for epoch, first, last in record.get("acked", ()):
                 loaded.acked.add_range(epoch_key(asset, epoch), first, last)
+            for epoch, first, last in record.get("unconfirmed", ()):
+                loaded.unconfirmed.add_range(epoch_key(asset, epoch), first, last)
             for epoch, seq in record.get("bad", ()):
                 loaded.bad.add((epoch_key(asset, epoch), seq))
             if "epochs" in record:

@@ -5,6 +5,10 @@ While running, an asset costs three array slots: its acks arrive in seq order on
 so each extends the asset's open range; anything else (a gap after a failed publish, an
 out-of-order message, a restart) closes it into a short per-asset list. This module is imported
 by every engine process, so it imports nothing heavy (no Redis client).
+
+Messages sent and given up without a PUBACK (the connection dropped, or the drain timed out) are
+kept apart as `unconfirmed`: the broker may have accepted them all the same, so the audit must
+neither count them as acknowledged nor call them unexpected when they reach the stream.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class AckLog:
         self._closed: dict[int, list[tuple[int, int, int]]] = {}
         self.epoch_starts: dict[int, list[float]] = {}
         self.bad: dict[int, list[tuple[int, int]]] = {}
+        self.unconfirmed: dict[int, list[tuple[int, int]]] = {}
 
     def add(self, local: int, epoch: int, seq: int) -> None:
         if self._end[local] == seq and self._epoch[local] == epoch:
@@ -43,6 +48,9 @@ class AckLog:
 
     def add_bad(self, local: int, epoch: int, seq: int) -> None:
         self.bad.setdefault(local, []).append((epoch, seq))
+
+    def add_unconfirmed(self, local: int, epoch: int, seq: int) -> None:
+        self.unconfirmed.setdefault(local, []).append((epoch, seq))
 
     def restarted(self, local: int, ts: float) -> None:
         self.epoch_starts.setdefault(local, []).append(ts)
@@ -65,7 +73,8 @@ class AckLog:
         for local in range(len(self._end)):
             ranges = self.ranges(local)
             bad = self.bad.get(local)
-            if not ranges and not bad:
+            unconfirmed = self.unconfirmed.get(local)
+            if not ranges and not bad and not unconfirmed:
                 continue
             record: dict[str, Any] = {
                 "asset": asset_id(self.first + local),
@@ -75,7 +84,20 @@ class AckLog:
                 record["epochs"] = self.epoch_starts[local]
             if bad:
                 record["bad"] = [list(b) for b in sorted(set(bad))]
+            if unconfirmed:
+                record["unconfirmed"] = [list(r) for r in _runs(unconfirmed)]
             yield record
+
+
+def _runs(pairs: Iterable[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(epoch, seq) pairs as merged (epoch, first, last) ranges, ascending."""
+    runs: list[tuple[int, int, int]] = []
+    for epoch, seq in sorted(set(pairs)):
+        if runs and runs[-1][0] == epoch and runs[-1][2] + 1 == seq:
+            runs[-1] = (epoch, runs[-1][1], seq)
+        else:
+            runs.append((epoch, seq, seq))
+    return runs
 
 
 def write_records(out: TextIO, records: Iterable[Mapping[str, Any]]) -> int:

@@ -230,7 +230,8 @@ class SimulatorApp:
         if self._acked_path is not None:
             self._write_acked(self._acked_path)
         counts = self.report()
-        log.info("simulator finished", extra={k: counts[k] for k in ("sent", "acked", "failed")})
+        log.info("simulator finished",
+                 extra={k: counts[k] for k in ("sent", "acked", "failed", "skipped")})  # fmt: skip
 
     def _write_acked(self, path: Path) -> None:
         sim, route = self._settings.simulator, self._settings.bridge.routes[0]
@@ -255,6 +256,8 @@ class SimulatorApp:
         elapsed = self._elapsed_s or (time.monotonic() - self._started_at if self._started else 0.0)
         latencies = [x for f in self._finals.values() for x in f.get("latencies", ())]
         faults = totals.kinds("faults")
+        skipped = totals.kinds("skipped")
+        failed_by_kind = totals.kinds("failed_by_kind")
         return {
             "scenario": self._scenario.name if self._scenario is not None else None,
             "assets": sim.assets,
@@ -266,18 +269,25 @@ class SimulatorApp:
             "target_rate": self.target_rate,
             "duration_s": sim.duration_s,
             "elapsed_s": round(elapsed, 3),
+            # sent - extras_sent + skipped == scheduled: every scheduled message was handed to
+            # a connection or skipped, for the reason given.
             "scheduled": sim.assets * per_asset,
-            "unsent": sum(int(f.get("unsent", 0)) for f in self._finals.values()),
-            "silenced": totals.total("silenced"),
+            "skipped": sum(skipped.values()),
+            "skipped_by_reason": skipped,
+            "unsent": sum(skipped.values()),
+            "silenced": skipped.get("silenced", 0),
             "sent": sent,
+            "extras_sent": totals.total("extras_sent"),
             "acked": totals.total("acked"),
+            # Sent, and given up without a PUBACK: in the --acked file as unconfirmed.
+            "unconfirmed": failed_by_kind.get("unacked", 0) if sim.qos == 1 else 0,
             "failed": totals.failed,
-            "failed_by_kind": totals.kinds("failed_by_kind"),
+            "failed_by_kind": failed_by_kind,
             "faults": faults,
             "faults_total": sum(faults.values()),
             "anomalies": totals.kinds("anomalies"),
             "anomalies_injected": sum(totals.kinds("anomalies").values()),
-            # Handed to paho while the schedule ran: a QoS 1 backlog drained afterwards is not
+            # Handed over while the schedule ran: a QoS 1 backlog drained afterwards is not
             # rate achieved.
             "achieved_rate_msgs_per_s": round((in_schedule or sent) / elapsed, 1)
             if elapsed > 0

@@ -8,7 +8,11 @@ broker acknowledged (PUBACK) must be in the telemetry stream, once. The audit re
 - `lost`: acknowledged but nowhere;
 - `duplicated`: telemetry entries beyond the first for the same `(asset, seq)`;
 - `unexpected`: telemetry entries the publisher never had acknowledged (or without a readable
-  `asset` and `seq`): a publisher that gave up on a message may legitimately cause these;
+  `asset` and `seq`);
+- `unconfirmed`: telemetry entries of messages the publisher sent and gave up on without a PUBACK
+  (its connection dropped, or its wait for acks ended): the broker had accepted them after all.
+  The entry carries the field `UNCONFIRMED` (`simulators.acked.Acked.telemetry` marks them from
+  the `--acked` file); they are neither acknowledged nor unexpected;
 
 with a few examples of each. A dead letter accounts for an acknowledged message only when the
 caller says its reason is expected (`accept_reasons`, for example `{"rate"}` when a publisher
@@ -38,6 +42,8 @@ Entry = tuple[bytes | str, Mapping[bytes | str, bytes | str]]
 # that one reply stays a few megabytes.
 PAGE_SIZE = 10_000
 EXAMPLES = 5
+# Field the acked file's reader adds to an entry the publisher gave up on without a PUBACK.
+UNCONFIRMED = "unconfirmed"
 
 
 class SeqSet:
@@ -164,6 +170,7 @@ class AuditReport:
     dead_letters: int  # dead-letter entries read
     dead_lettered: int  # acknowledged messages accounted for by an accepted dead letter
     examples: Mapping[str, list[str]]  # per kind: lost, duplicated, unexpected
+    unconfirmed: int = 0  # entries of messages given up without a PUBACK, found all the same
 
     @property
     def ok(self) -> bool:
@@ -176,6 +183,7 @@ class AuditReport:
             "lost": self.lost,
             "duplicated": self.duplicated,
             "unexpected": self.unexpected,
+            "unconfirmed": self.unconfirmed,
             "entries": self.entries,
             "dead_letters": self.dead_letters,
             "dead_lettered": self.dead_lettered,
@@ -247,7 +255,7 @@ def audit(
         raise ValueError("accept_reasons needs asset_level to read the asset of a dead letter")
     found = SeqSet()
     duplicated, unexpected = _Bucket(), _Bucket()
-    entries = 0
+    entries = unconfirmed = 0
     for entry_id, fields in telemetry:
         entries += 1
         pair = entry_identity(fields)
@@ -257,7 +265,10 @@ def audit(
         elif not found.add(*pair):
             duplicated.note(f"{pair[0]}/{pair[1]} again at {where}", examples)
         elif pair not in acked:
-            unexpected.note(f"{pair[0]}/{pair[1]} at {where}", examples)
+            if entry_field(fields, UNCONFIRMED) is not None:
+                unconfirmed += 1
+            else:
+                unexpected.note(f"{pair[0]}/{pair[1]} at {where}", examples)
     letters, accepted = 0, SeqSet()
     for _entry_id, fields in dead_letters:
         letters += 1
@@ -267,13 +278,7 @@ def audit(
         if pair is not None and pair in acked and pair not in found:
             accepted.add(*pair)
     missing = acked.difference(found).difference(accepted)
-    lost = _Bucket(count=len(missing))
-    for asset in missing.assets():
-        for first, last in missing.ranges(asset):
-            if len(lost.examples) < examples:
-                lost.examples.append(
-                    f"{asset}/{first}" if first == last else f"{asset}/{first}..{last}"
-                )
+    lost = _lost(missing, examples)
     return AuditReport(
         acked=len(acked),
         found=len(acked) - len(missing),
@@ -283,12 +288,24 @@ def audit(
         entries=entries,
         dead_letters=letters,
         dead_lettered=len(accepted),
+        unconfirmed=unconfirmed,
         examples={
             "lost": lost.examples,
             "duplicated": duplicated.examples,
             "unexpected": unexpected.examples,
         },
     )
+
+
+def _lost(missing: SeqSet, examples: int) -> _Bucket:
+    lost = _Bucket(count=len(missing))
+    for asset in missing.assets():
+        for first, last in missing.ranges(asset):
+            if len(lost.examples) < examples:
+                lost.examples.append(
+                    f"{asset}/{first}" if first == last else f"{asset}/{first}..{last}"
+                )
+    return lost
 
 
 def read_stream(client: redis.Redis, key: str, page_size: int = PAGE_SIZE) -> Iterator[Entry]:

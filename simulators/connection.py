@@ -3,23 +3,20 @@ the engine's own loop (paho's external-loop API: `loop_read`, `loop_write`, `loo
 a paho thread. One thread per process then drives every connection: no locks, no thread per
 client (20,000 connections would be 20,000 threads), no wake-up byte per publish.
 
-Measured against Mosquitto on the 2-core machine (µs of CPU per message, paho 2.2):
+paho connects, pings and disconnects; on plain TCP the publishes and their PUBACKs bypass it
+(`simulators.wire`). Measured against Mosquitto on the 2-core machine (µs of CPU per message,
+QoS 1, the whole engine at 100K assets and 10,000 msg/s): 83 through paho's `publish()` and
+`on_publish`, see bench/simulator_bench.py for the lean path. TLS keeps paho's public API.
 
-| path                                              | QoS 0 | QoS 1 |
-| ------------------------------------------------- | ----- | ----- |
-| `loop_start()` thread, `on_publish` set            | 27    | 50    |
-| own loop, no `on_publish` at QoS 0                 | 13    | 49    |
-| own loop, paho's in-flight limit off (see below)   |       | 44    |
-| own loop, writes and reads through `BufferedSocket` | 8     | 36    |
-
-What remains at QoS 1 is paho decoding each PUBACK (an MQTT 5 `Properties` and two `ReasonCode`
-objects) and its `MQTTMessageInfo` (a `threading.Condition`) per publish.
+What a connection holds is bounded: `window` unacknowledged publishes (`simulator.max_in_flight`,
+lowered to the broker's Receive Maximum), `OUT_LIMIT_BYTES` not yet taken by the kernel, and a
+`backlog` of at most one message's extras (a duplicate, a bad copy, a held message released). The
+engine publishes a scheduled message only on a `ready` connection: otherwise the asset waits, and
+a message that waits too long is skipped, never queued.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import math
 import socket
@@ -29,97 +26,20 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from config.settings import Settings
+from simulators.wire import BufferedSocket, publish_packet
 
 log = logging.getLogger(__name__)
 
-# Messages waiting for a free in-flight slot, per in-flight slot, before publishes fail as
-# queue_full: a broker slower than the schedule costs bounded memory.
-QUEUE_PER_IN_FLIGHT = 10
-READ_SIZE = 1 << 16
-QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
-
-
-class BufferedSocket:
-    """paho's socket seen through two buffers: paho's one `send()` per packet appends to a list
-    that the engine writes with one `send()` per loop pass, and paho's one-byte `recv()`s (three
-    system calls per PUBACK) are served from one large read.
-
-    Installed from `on_socket_open` on plain TCP only: paho 2.x touches its socket only through
-    `send`, `recv`, `close`, `setblocking` and `fileno`, all of which this forwards."""
-
-    __slots__ = ("_in", "_out", "_pos", "_quickack", "sock")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._quickack = QUICKACK is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
-        self._out: list[bytes] = []
-        self._in = b""
-        self._pos = 0
-
-    def send(self, data: bytes | bytearray) -> int:
-        self._out.append(bytes(data))
-        return len(data)
-
-    def recv(self, size: int) -> bytes:
-        if self._pos >= len(self._in):
-            self._in, self._pos = self.sock.recv(READ_SIZE), 0  # BlockingIOError: paho's AGAIN
-            if not self._in:
-                return b""
-            if self._quickack:
-                # Mosquitto leaves Nagle on (set_tcp_nodelay false): its next PUBACK waits for our
-                # TCP ack, which Linux delays up to 40 ms. Quick-ack mode lapses, so it is re-armed
-                # after every read: one system call per read, not per message.
-                self.sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)  # type: ignore[arg-type]
-        start = self._pos
-        self._pos = start + size
-        return self._in[start : start + size]
-
-    @property
-    def buffered(self) -> bool:
-        return self._pos < len(self._in)
-
-    @property
-    def pending_out(self) -> bool:
-        return bool(self._out)
-
-    def flush(self) -> bool:
-        """Write what paho queued, without blocking; True when nothing is left."""
-        if not self._out:
-            return True
-        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-        try:
-            written = self.sock.send(data)
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                written = 0
-            else:
-                self._out.clear()
-                raise
-        self._out = [data[written:]] if written < len(data) else []
-        return not self._out
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def setblocking(self, flag: bool) -> None:
-        self.sock.setblocking(flag)
-
-    def close(self) -> None:
-        # paho closes right after "sending" DISCONNECT, which is still in our buffer.
-        with contextlib.suppress(OSError):
-            self.flush()
-        self._out.clear()
-        self.sock.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.sock, name)
+# Bytes handed to a connection and not yet taken by the kernel before it stops taking scheduled
+# messages: a broker that stops reading (QoS 0 has no window) costs bounded memory.
+OUT_LIMIT_BYTES = 256 * 1024
+# Packet ids are 16 bits: the window stays below that.
+MAX_WINDOW = 65_000
 
 
 def _protocol(version: str) -> MQTTProtocolVersion:
@@ -148,8 +68,7 @@ class Connection:
         self.index = index
         self.client_id = f"{sim.client_id_prefix}-{index}"
         self.qos = sim.qos
-        self.window = sim.max_in_flight
-        self.queue_limit = sim.max_in_flight * QUEUE_PER_IN_FLIGHT
+        self.window = min(sim.max_in_flight, MAX_WINDOW)
         self.up = False
         self.opened = False
         self.ever_up = False
@@ -159,11 +78,15 @@ class Connection:
         self.failures = 0
         # mid -> (local asset, epoch, seq, publish time): QoS 1 messages awaiting their PUBACK.
         self.pending: dict[int, tuple[int, int, int, float]] = {}
-        # (topic, payload, ident) of QoS 1 messages waiting for a free slot in the window.
-        self.backlog: deque[tuple[str, bytes, tuple[int, int, int]]] = deque()
-        self.unflushed = 0  # QoS 0 publishes handed to paho, not yet written to the socket
+        # (topic, payload, ident, scheduled) of a message's extras that found the window full.
+        self.backlog: deque[tuple[bytes, bytes, tuple[int, int, int], bool]] = deque()
+        # Assets with a message due that waited for this connection to be `ready`.
+        self.waiting: deque[int] = deque()
+        self.unflushed = 0  # QoS 0 publishes handed over, not yet written to the socket
         self.buffered: BufferedSocket | None = None
         self.dirty = False
+        self._mid = 0
+        self._v5 = s.protocol == "5"
         self._on_ack, self._on_state, self._sockets = on_ack, on_state, sockets
         self._tls = s.tls_enabled
         self._host, self._port, self._keepalive = s.host, s.port, s.keepalive_s
@@ -203,31 +126,88 @@ class Connection:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         if self.qos == 1:
-            client.on_publish = self._on_publish  # QoS 0: one ReasonCode + Properties per write
+            client.on_publish = self._on_publish  # TLS only; QoS 0 would decode a ReasonCode
         return client
 
     @property
     def full(self) -> bool:
         return len(self.pending) >= self.window
 
+    @property
+    def out_bytes(self) -> int:
+        """Bytes handed over and not yet taken by the kernel (plain TCP; TLS: paho's packets)."""
+        if self.buffered is not None:
+            return self.buffered.out_bytes
+        return len(self.client._out_packet) * 256  # paho's queue, at a typical packet size
+
+    @property
+    def ready(self) -> bool:
+        """Takes a scheduled message now: up, a free slot in the window, the socket draining."""
+        return (
+            self.up
+            and not self.backlog
+            and len(self.pending) < self.window
+            and self.out_bytes < OUT_LIMIT_BYTES
+        )
+
+    def publish(self, topic: bytes, payload: bytes) -> int:
+        """Queue one PUBLISH of a `wire.topic_field`; returns its packet id (0 at QoS 0), or -1
+        when the client refused it (not connected)."""
+        mid = 0
+        if self.qos == 1:
+            mid = self._next_mid()
+        buffered = self.buffered
+        if buffered is not None:
+            buffered.send(publish_packet(topic, payload, mid, v5=self._v5))
+            return mid
+        info = self.client.publish(topic[2:].decode(), payload, self.qos)
+        return -1 if info.rc else info.mid if self.qos == 1 else 0
+
+    def _next_mid(self) -> int:
+        mid, pending = self._mid, self.pending
+        while True:  # the window is below 65,535: a free id is a few steps away at most
+            mid = mid % 65535 + 1
+            if mid not in pending:
+                self._mid = mid
+                return mid
+
     def connect(self) -> None:
         """Open the TCP connection and queue CONNECT (the CONNACK arrives through `read`)."""
+        self._mid = 0
         if self.ever_up or self.failures:
             self.client.reconnect()
         else:
             self.client.connect(self._host, self._port, keepalive=self._keepalive)
 
     def read(self) -> None:
-        client = self.client
-        client.loop_read()
-        # paho reads at most one packet per message it holds; PUBACKs already in our buffer
-        # would otherwise wait for the next readable event, which may never come.
-        buffered = self.buffered
-        while buffered is not None and buffered.buffered and client.socket() is not None:
+        client, buffered = self.client, self.buffered
+        if buffered is None:
             client.loop_read()
+            return
+        buffered.fill()
+        # Whole PUBACKs are taken here; paho reads any other packet, or the end of the stream.
+        while client.socket() is not None:
+            if client._in_packet["command"] == 0 and self.up:
+                try:
+                    other = buffered.take_pubacks(self._ack)
+                except ValueError:
+                    log.warning(
+                        "malformed packet from the broker", extra={"client_id": self.client_id}
+                    )
+                    client.disconnect()
+                    return
+                if not other and not buffered.eof:
+                    return
+            before = buffered.buffered
+            client.loop_read()
+            if not before and not buffered.eof:
+                return
+
+    def _ack(self, mid: int, failed: bool) -> None:
+        self._on_ack(self, mid, failed)
 
     def flush(self) -> bool:
-        """Hand paho's queued packets to the socket; False when the kernel buffer is full."""
+        """Hand queued packets to the socket; False when the kernel buffer is full."""
         self.dirty = False
         client = self.client
         if client.want_write():
@@ -286,9 +266,6 @@ class Connection:
         limit = getattr(properties, "ReceiveMaximum", None)
         if isinstance(limit, int):
             self.window = max(1, min(self.window, limit))
-            # Bounded by the window in force: Mosquitto's default Receive Maximum is 20, and 10
-            # per slot of the configured 1,000 would queue 2.5 GB over 400 slow connections.
-            self.queue_limit = max(100, self.window * QUEUE_PER_IN_FLIGHT)
         self.up, self.failures = True, 0
         if self.ever_up:
             log.info("mqtt connection restored", extra={"client_id": self.client_id})
@@ -316,33 +293,3 @@ class Connection:
         self.failures += 1
         delay = min(max_s, initial_s * math.pow(2.0, self.failures - 1))
         self.retry_at = now + delay * (1.0 + jitter * ((self.index * 0.618) % 1.0 - 0.5))
-
-
-class _Published:
-    """Stands in for the `MQTTMessageInfo` paho marks as published once a QoS 0 packet is
-    written: nobody waits on it, and building one (a `threading.Condition`) cost a quarter of
-    the engine's CPU at QoS 0."""
-
-    __slots__ = ()
-
-    def _set_as_published(self) -> None:
-        pass
-
-
-_PUBLISHED = _Published()
-# paho 2.x's packet encoder; absent (another major version) -> the public publish().
-_FAST_QOS0 = callable(getattr(mqtt.Client, "_send_publish", None)) and callable(
-    getattr(mqtt.Client, "_mid_generate", None)
-)
-
-
-def publish_qos0(client: mqtt.Client, topic: bytes, payload: bytes) -> bool:
-    """A QoS 0 PUBLISH through paho's own encoder and queue, without the per-message objects
-    of `publish()`: topic already encoded (and valid: built from the route template), no info
-    object. True when queued."""
-    if _FAST_QOS0:
-        info: Any = _PUBLISHED  # paho marks it published; see _Published
-        rc = client._send_publish(client._mid_generate(), topic, payload, 0, False, False, info)
-    else:
-        rc = client.publish(topic.decode(), payload, 0).rc
-    return rc == MQTTErrorCode.MQTT_ERR_SUCCESS

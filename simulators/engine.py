@@ -6,9 +6,10 @@ the PUBACKs still outstanding, disconnect, and report (`final`). Everything the 
 through `emit(message)`: `ready`, `progress` (cumulative counts, twice a second), `truth` (one
 ground-truth record) and `final` (counts, latencies, the acknowledged set).
 
-Scheduling is a timing wheel of 5 ms ticks: a tick's bucket lists the assets due in it, each is
-sent and put back in the bucket of its next message. Per message this costs a list append, where a
-heap would cost a tuple and two O(log n) operations; per asset it costs two array slots.
+Memory stays bounded whatever the broker does: a message is built only when its connection can
+take it (`Connection.ready`, and at most `simulator.max_outstanding` unacknowledged per process);
+otherwise the asset waits on its connection, and its messages more than `simulator.max_lag_s`
+late are skipped and counted (`behind_schedule`), so sent + skipped = scheduled.
 """
 
 from __future__ import annotations
@@ -18,32 +19,29 @@ import selectors
 import socket
 import threading
 import time
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from config.settings import Settings
 from simulators.acklog import AckLog, write_records
-from simulators.connection import Connection, publish_qos0
+from simulators.connection import Connection
 from simulators.fleet import Fleet
 from simulators.injection import Injector
+from simulators.outbox import EXTRA, Outbox
 from simulators.scenario import Event
+from simulators.schedule import TICK_S, Schedule
 from simulators.stats import PublishStats
+from simulators.wire import topic_field
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.005
-WHEEL_SLOTS = 4096  # 20 s of ticks; longer intervals wait a few laps (`due_tick` says when)
 PROGRESS_S = 0.5
 HOUSEKEEPING_S = 0.05
-MISC_PERIOD_S = 1.0  # every connection's keepalive is checked this often
-# Messages not sent this long after the duration are given up (reported as unsent), so an engine
-# that cannot keep up with the schedule still ends on time.
+MISC_PERIOD_S = 1.0  # every connection's keepalive (and its waiting assets) checked this often
+# Messages not sent this long after the duration are given up (skipped as behind_schedule), so
+# an engine that cannot keep up with the schedule still ends on time.
 LATE_GRACE_S = 1.0
-# Sentinel epochs of an in-flight message: a fault's extra message (not audited), a bad one.
-EXTRA = -1
-
 Emit = Callable[[dict[str, Any]], None]
 
 
@@ -70,19 +68,18 @@ class Engine:
         sim = settings.simulator
         self.apc = sim.assets_per_connection
         self.qos = sim.qos
+        self.max_outstanding = sim.max_outstanding
         self.stats = PublishStats(seed=spec.shard)
         self._halt = threading.Event()
         self._started = threading.Event()
         self._start_wall = 0.0
         self.conns: list[Connection] = []
         self.connected = 0
-        self.unsent = 0
-        self.sent_in_schedule = (
-            0  # handed to paho while the schedule ran (not from a backlog after)
-        )
+        self.sent_in_schedule = 0  # handed over while the schedule ran (not from a backlog after)
         self.elapsed_s = 0.0
-        self._dirty: list[Connection] = []
-        self._backlogged: set[Connection] = set()
+        self.tick = 0  # the schedule's current tick
+        self._blocked: dict[Connection, None] = {}  # connections with waiting assets, in order
+        self._behind_logged = False
         self._selector = selectors.DefaultSelector()
         self._max_payload = settings.bridge.max_payload_bytes
         self._misc_at = 0
@@ -104,14 +101,20 @@ class Engine:
         sim, spec = self.settings.simulator, self.spec
         route = self.settings.bridge.routes[0]
         self.fleet = Fleet(sim, route, spec.first, spec.count)
+        self.schedule = Schedule(self.fleet, self.fleet.per_asset(sim.duration_s), sim.max_lag_s)
         self.acks = AckLog(spec.first, spec.count)
+        self.outbox = Outbox(self.qos, self.stats, self.acks)
         self.injector = Injector(self.fleet, self._events, self._truth)
         self.stats.anomalies = self.injector.counts
-        self.topic_bytes = [t.encode() for t in self.fleet.topics] if self.qos == 0 else []
+        self.topics = [topic_field(t) for t in self.fleet.topics]
+        self.fleet.topics = []  # kept once, as the PUBLISH carries it
+        self.held: dict[int, tuple[Connection, bytes, bytes, tuple[int, int, int]]] = {}
         count = -(-spec.count // self.apc)
         first_conn = spec.first // self.apc
         self.conns = [
-            Connection(self.settings, first_conn + j, self._on_ack, self._on_state, self._on_socket)
+            Connection(
+                self.settings, first_conn + j, self.outbox.on_ack, self._on_state, self._on_socket
+            )
             for j in range(count)
         ]
         try:
@@ -123,10 +126,12 @@ class Engine:
             if not self._halt.is_set():
                 self._publish_schedule()
             else:
-                self.unsent = self.fleet.count * self.fleet.per_asset(sim.duration_s)
+                self.stats.skip("stopped", self.schedule.unsent())
             self._drain()
         finally:
-            self.stats.fail("unacked", self.stats.outstanding)
+            for conn in self.conns:
+                self.outbox.give_up(conn, "stopped")
+            self.stats.fail("unacked", self.stats.outstanding)  # QoS 0: written, not flushed
             self._close()
             self.injector.finish(self.elapsed_s, final=True)
             self._emit(self._final())
@@ -165,110 +170,150 @@ class Engine:
                             extra={"client_id": conn.client_id, "error": str(exc)})  # fmt: skip
             return
         conn.retry_at = now + self.settings.mqtt.connect_timeout_s
-        self._mark(conn)
+        self.outbox.mark(conn)
+
+    # --- the schedule -----------------------------------------------------------------------------
 
     def _publish_schedule(self) -> None:
-        fleet, duration = self.fleet, self.settings.simulator.duration_s
-        per_asset = fleet.per_asset(duration)
-        n = fleet.count
-        self.next_k = array("l", bytes(8 * n))
-        self.due_tick = array("l", (int(fleet.due_s(i, 0) / TICK_S) for i in range(n)))
-        wheel: list[list[int]] = [[] for _ in range(WHEEL_SLOTS)]
-        for local in range(n):
-            wheel[self.due_tick[local] % WHEEL_SLOTS].append(local)
-        self.held: dict[int, tuple[Connection, str, bytes, int, int, int]] = {}
+        duration, schedule = self.settings.simulator.duration_s, self.schedule
         t0 = time.monotonic() + (self._start_wall - time.time())
-        remaining, tick = n, -1
-        next_housekeeping = 0.0
-        while remaining and not self._halt.is_set():
+        tick, next_housekeeping = -1, 0.0
+        while schedule.remaining and not self._halt.is_set():
             now = time.monotonic()
             elapsed = now - t0
             if elapsed > duration + LATE_GRACE_S:
-                log.warning("publishing fell behind the schedule; giving up the rest",
-                            extra={"unsent": sum(per_asset - k for k in self.next_k)})  # fmt: skip
                 break
             wall = time.time()
             due = int(elapsed / TICK_S)
             while tick < due:
                 tick += 1
-                slot = tick % WHEEL_SLOTS
-                bucket, wheel[slot] = wheel[slot], []
-                for local in bucket:
-                    d = self.due_tick[local]
-                    if d > tick:
-                        wheel[d % WHEEL_SLOTS].append(local)
-                        continue
-                    k = self.next_k[local]
-                    self._message(local, k, wall)
-                    k += 1
-                    self.next_k[local] = k
-                    if k < per_asset:
-                        d = max(tick + 1, int(fleet.due_s(local, k) / TICK_S))
-                        self.due_tick[local] = d
-                        wheel[d % WHEEL_SLOTS].append(local)
-                    else:
-                        remaining -= 1
-                        self._release_held(local)
+                self.tick = tick
+                for local in schedule.take(tick):
+                    self._serve(local, wall)
             if now >= next_housekeeping:
                 self._housekeeping(now, elapsed)
                 next_housekeeping = now + HOUSEKEEPING_S
             wait = t0 + (tick + 1) * TICK_S - time.monotonic()
-            self._pump(max(0.0, wait) if remaining else 0.0)
-        self.unsent = sum(per_asset - k for k in self.next_k)  # stopped or late: never sent
+            self._pump(max(0.0, wait) if schedule.remaining else 0.0)
+        # Stopped, or late: never sent. Held messages were counted when taken and go out below.
+        self.stats.skip("stopped" if self._halt.is_set() else "behind_schedule", schedule.unsent())
+        for conn in self._blocked:
+            conn.waiting.clear()
+        self._blocked.clear()
         self.sent_in_schedule = self.stats.sent
         for local in list(self.held):
             self._release_held(local)
+        if self.stats.skipped:
+            log.warning("scheduled messages were not sent", extra={
+                "skipped": dict(self.stats.skipped), "sent": self.stats.sent,
+            })  # fmt: skip
         # The run lasts the whole duration even though the last message is due a little before.
         while not self._halt.is_set() and time.monotonic() - t0 < duration:
             self._pump(min(0.05, max(0.0, duration - (time.monotonic() - t0))))
             self._housekeeping(time.monotonic(), time.monotonic() - t0)
         self.elapsed_s = time.monotonic() - t0
 
+    def _serve(self, local: int, wall: float) -> None:
+        """An asset's message is due: skip what is too late, publish the next one if its
+        connection takes it now, or leave the asset waiting on the connection."""
+        schedule, tick = self.schedule, self.tick
+        late = schedule.skip_late(local, tick)
+        if late:
+            self._behind(late)
+        if schedule.done(local):
+            self._release_held(local)
+            return
+        if schedule.due_tick[local] > tick:
+            schedule.place(local)
+            return
+        conn = self.conns[local // self.apc]
+        if conn.up and not (conn.ready and self.outbox.in_flight < self.max_outstanding):
+            conn.waiting.append(local)  # at most once: it left the wheel
+            self._blocked[conn] = None
+            return
+        self._message(local, schedule.next_k[local], wall)
+        if not schedule.advance(local, tick):
+            self._release_held(local)
+
+    def _serve_waiting(self) -> None:
+        """Assets waiting on connections that can take a message again (or went down)."""
+        wall, outbox, cap = time.time(), self.outbox, self.max_outstanding
+        for conn in list(self._blocked):
+            waiting = conn.waiting
+            while waiting and (not conn.up or (conn.ready and outbox.in_flight < cap)):
+                self._serve(waiting.popleft(), wall)
+            if not waiting:
+                del self._blocked[conn]
+
+    def _skip_waiting(self, conn: Connection) -> None:
+        """Count the late messages of a connection's waiting assets as they fall behind, not
+        only when the connection takes messages again."""
+        schedule, tick, kept = self.schedule, self.tick, []
+        for local in conn.waiting:
+            late = schedule.skip_late(local, tick)
+            if late:
+                self._behind(late)
+            if schedule.done(local):
+                self._release_held(local)
+            else:
+                kept.append(local)
+        if len(kept) < len(conn.waiting):
+            conn.waiting.clear()
+            conn.waiting.extend(kept)
+
+    def _behind(self, count: int) -> None:
+        self.stats.skip("behind_schedule", count)
+        if not self._behind_logged:
+            self._behind_logged = True
+            log.warning(
+                "publishing fell behind the schedule: messages more than %.1f s late are skipped",
+                self.settings.simulator.max_lag_s,
+                extra={"in_flight": self.outbox.in_flight, "waiting": len(self._blocked)},
+            )
+
     def _message(self, local: int, k: int, wall: float) -> None:
         """Build and publish message k of an asset, with whatever is injected into it."""
-        fleet = self.fleet
+        fleet, outbox = self.fleet, self.outbox
         values = fleet.values(local, k)
         conn = self.conns[local // self.apc]
-        topic = fleet.topics[local]
+        topic = self.topics[local]
         if local not in self.injector.by_asset and local not in self.injector.restarts:
-            seq = k
             r = fleet.random_anomaly(local, k)
             if r is not None:
-                values[r] = self.injector.random_anomaly(local, k, as_sent(wall), seq, r)
-            self._publish(conn, topic, fleet.encode(local, wall, seq, values), local, 0, seq)
+                values[r] = self.injector.random_anomaly(local, k, as_sent(wall), k, r)
+            outbox.publish(conn, topic, fleet.encode(local, wall, k, values), (local, 0, k))
             return
         m = self.injector.apply(local, k, wall, values)
         if m.silenced:
-            self.stats.silenced += 1
+            self.stats.skip("silenced")
             return
         payload = fleet.encode(local, m.ts, m.seq, values)
         if m.restarted:
             self.acks.restarted(local, as_sent(m.ts))
-        epoch = -2 - m.epoch if m.bad else m.epoch
+        ident = (local, -2 - m.epoch if m.bad else m.epoch, m.seq)
         if m.bad:
             self._count_fault("clock_skew")
         if m.hold:
             self._count_fault("out_of_order")
             self._release_held(local)
-            self.held[local] = (conn, topic, payload, local, epoch, m.seq)
+            self.held[local] = (conn, topic, payload, ident)
             return
-        self._publish(conn, topic, payload, local, epoch, m.seq)
+        outbox.publish(conn, topic, payload, ident)
         self._release_held(local)
         if m.restarted:
             self._count_fault("restart")
         if m.duplicate:
             self._count_fault("duplicate")
-            self._publish(conn, topic, payload, local, epoch, m.seq)
+            outbox.publish(conn, topic, payload, ident, scheduled=False)
         for kind in m.extras:
             self._count_fault(kind)
-            self._publish(
-                conn, topic, self._bad_payload(kind, payload, m.ts, m.seq), local, EXTRA, 0
-            )
+            bad = self._bad_payload(kind, payload, m.ts, m.seq)
+            outbox.publish(conn, topic, bad, (local, EXTRA, 0), scheduled=False)
 
     def _release_held(self, local: int) -> None:
         held = self.held.pop(local, None) if self.held else None
         if held is not None:
-            self._publish(*held)
+            self.outbox.publish(*held)
 
     def _count_fault(self, kind: str) -> None:
         faults = self.stats.faults
@@ -285,104 +330,21 @@ class Engine:
     def _truth(self, record: dict[str, Any]) -> None:
         self._emit({"type": "truth", "record": record})
 
-    # --- publishing and acks ----------------------------------------------------------------------
-
-    def _publish(
-        self, conn: Connection, topic: str, payload: bytes, local: int, epoch: int, seq: int
-    ) -> None:
-        stats = self.stats
-        if not conn.up:
-            stats.fail("not_connected")
-            return
-        if self.qos == 1:
-            if conn.backlog or conn.full:
-                if len(conn.backlog) >= conn.queue_limit:
-                    stats.fail("queue_full")
-                    return
-                conn.backlog.append((topic, payload, (local, epoch, seq)))
-                self._backlogged.add(conn)
-                return
-            if not self._publish_qos1(conn, topic, payload, local, epoch, seq):
-                return
-        elif not publish_qos0(conn.client, self.topic_bytes[local], payload):
-            stats.fail("error")
-            return
-        else:
-            stats.sent += 1
-            conn.unflushed += 1
-            self._record(local, epoch, seq)
-        if not conn.dirty:
-            conn.dirty = True
-            self._dirty.append(conn)
-
-    def _publish_qos1(
-        self, conn: Connection, topic: str, payload: bytes, local: int, epoch: int, seq: int
-    ) -> bool:
-        """Hand a QoS 1 publish to paho and await its PUBACK; False if paho refused it."""
-        info = conn.client.publish(topic, payload, 1)
-        if info.rc:
-            self.stats.fail("error")
-            return False
-        conn.pending[info.mid] = (local, epoch, seq, time.perf_counter())
-        self.stats.sent += 1
-        return True
-
-    def _record(self, local: int, epoch: int, seq: int) -> None:
-        if epoch >= 0:
-            self.acks.add(local, epoch, seq)
-        elif epoch < EXTRA:
-            self.acks.add_bad(local, -2 - epoch, seq)
-
-    def _on_ack(self, conn: Connection, mid: int, failed: bool) -> None:
-        entry = conn.pending.pop(mid, None)
-        if entry is None:
-            return
-        local, epoch, seq, started = entry
-        if failed:  # an MQTT 5 PUBACK with an error reason, e.g. not authorized
-            self.stats.fail("rejected")
-        else:
-            self.stats.acked += 1
-            self.stats.observe(time.perf_counter() - started)
-            self._record(local, epoch, seq)
-        if conn.backlog:
-            self._backlogged.add(conn)
-
-    def _drain_backlogs(self) -> None:
-        for conn in list(self._backlogged):
-            self._backlogged.discard(conn)
-            while conn.backlog and not conn.full and conn.up:
-                topic, payload, (local, epoch, seq) = conn.backlog.popleft()
-                self._publish_qos1(conn, topic, payload, local, epoch, seq)
-            self._mark(conn)
-
-    def _mark(self, conn: Connection) -> None:
-        if not conn.dirty:
-            conn.dirty = True
-            self._dirty.append(conn)
-
     # --- the network ------------------------------------------------------------------------------
 
     def _pump(self, timeout_s: float) -> None:
-        """Write what is queued, wait for readable sockets up to `timeout_s`, read them."""
-        self._flush()
+        """Write what is queued, wait for readable sockets up to `timeout_s`, read them; then
+        what the acks made room for."""
+        outbox = self.outbox
+        outbox.flush()
         for key, _ in self._selector.select(timeout_s):
             conn: Connection = key.data
             conn.read()
-        if self._backlogged:
-            self._drain_backlogs()
-        self._flush()
-
-    def _flush(self) -> None:
-        if not self._dirty:
-            return
-        dirty, self._dirty = self._dirty, []
-        for conn in dirty:
-            written = conn.unflushed
-            if conn.flush():
-                if self.qos == 0:
-                    self.stats.acked += written
-            else:
-                self._mark(conn)  # the kernel buffer is full: try again next pass
+        if outbox.backlogged:
+            outbox.drain_backlogs()
+        if self._blocked:
+            self._serve_waiting()
+        outbox.flush()
 
     def _on_socket(self, conn: Connection, sock: socket.socket | None) -> None:
         if conn.registered is not None:
@@ -397,6 +359,7 @@ class Engine:
             self.connected += 1
             return
         self.connected -= 1
+        self.outbox.give_up(conn)
         if self.qos == 0 and conn.unflushed:
             self.stats.fail("unacked", conn.unflushed)  # written to a socket that broke
             conn.unflushed = 0
@@ -408,6 +371,8 @@ class Engine:
             share = max(1, int(len(conns) * HOUSEKEEPING_S / MISC_PERIOD_S))
             start = self._misc_at % len(conns)
             for conn in conns[start : start + share]:
+                if conn.waiting:
+                    self._skip_waiting(conn)
                 if conn.up:
                     conn.misc()
                 elif conn.opened and not conn.closing and now >= conn.retry_at:
@@ -425,30 +390,25 @@ class Engine:
             self._emit(self._progress())
 
     def _progress(self) -> dict[str, Any]:
-        return {
-            "type": "progress",
-            "connected": self.connected,
-            **self.stats.snapshot(),
-        }
+        return {"type": "progress", "connected": self.connected, **self.stats.snapshot()}
 
     def _drain(self) -> None:
-        """Wait for outstanding PUBACKs, bounded by simulator.ack_timeout_s."""
+        """Wait for outstanding PUBACKs, bounded by simulator.ack_timeout_s; give up the rest."""
+        outbox = self.outbox
         deadline = time.monotonic() + self.settings.simulator.ack_timeout_s
-        while (self.stats.outstanding or any(c.backlog for c in self.conns)) and (
-            time.monotonic() < deadline
-        ):
+        while (outbox.in_flight or outbox.backlogged) and time.monotonic() < deadline:
             self._pump(0.02)
             self._progress_maybe(time.monotonic())
-        queued = sum(len(c.backlog) for c in self.conns)
-        self.stats.fail("queue_full", queued)
-        if self.stats.outstanding:
-            log.warning("acknowledgements still outstanding after the drain timeout",
-                        extra={"outstanding": self.stats.outstanding})  # fmt: skip
+        if outbox.in_flight:
+            log.warning("acknowledgements still outstanding after the drain timeout; given up as"
+                        " unconfirmed", extra={"outstanding": outbox.in_flight})  # fmt: skip
+        for conn in self.conns:
+            outbox.give_up(conn, "behind_schedule")
 
     def _close(self) -> None:
         for conn in self.conns:
             conn.close()
-        self._flush()
+        self.outbox.flush()
         self._selector.close()
 
     def _final(self) -> dict[str, Any]:
@@ -457,7 +417,6 @@ class Engine:
             **self._progress(),
             "type": "final",
             "connected": 0,
-            "unsent": self.unsent,
             "sent_in_schedule": self.sent_in_schedule,
             "elapsed_s": self.elapsed_s,
             "latencies": self.stats.latencies,

@@ -1,7 +1,11 @@
 """Publish outcomes of one engine (one thread: no locks), and their sum over processes.
 
-Counts add up: sent = acked + failed after publish (rejected, unacked) + outstanding.
-Failures before publish (not_connected, queue_full, error) are never counted as sent.
+Counts add up: sent = acked + failed after publish (rejected, unacked) + outstanding, and
+sent - extras_sent + skipped = scheduled: every scheduled message is either handed to the
+connection or skipped for a reason (`skipped`). Skips for behind_schedule, not_connected and error
+are failures too (`failed`, and the `iotbridge_simulator_messages_failed_total{kind}` metric); a stop
+and an injected dropout (silenced) are the run's own doing. An extra (a fault's duplicate or bad
+copy) that cannot be sent is a failure, not a skip: it was never scheduled.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from observability.metrics import LATENCY_BUCKETS
 RESERVOIR_SIZE = 50_000
 # Failure kinds of messages that were sent: the broker refused them, or no ack came in time.
 SETTLED_FAILURES = ("rejected", "unacked")
+# Skips of scheduled messages that are failures: the simulator could not keep its schedule.
+SKIP_FAILURES = ("behind_schedule", "not_connected", "error")
 
 
 class PublishStats:
@@ -36,7 +42,8 @@ class PublishStats:
         self.failed: dict[str, int] = {}
         self.faults: dict[str, int] = {}
         self.anomalies: dict[str, int] = {}
-        self.silenced = 0  # messages a dropout kept back (not sent, not failed)
+        self.skipped: dict[str, int] = {}  # scheduled messages not sent, by reason
+        self.extras_sent = 0  # sent beyond the schedule: a fault's duplicate or bad copy
 
     @property
     def outstanding(self) -> int:
@@ -47,6 +54,13 @@ class PublishStats:
     def fail(self, kind: str, count: int = 1) -> None:
         if count > 0:
             self.failed[kind] = self.failed.get(kind, 0) + count
+
+    def skip(self, reason: str, count: int = 1) -> None:
+        """`count` scheduled messages not sent, for `reason`."""
+        if count > 0:
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+            if reason in SKIP_FAILURES:
+                self.fail(reason, count)
 
     def observe(self, latency_s: float) -> None:
         self.latency_count += 1
@@ -66,7 +80,9 @@ class PublishStats:
             "failed_by_kind": dict(self.failed),
             "faults": dict(self.faults),
             "anomalies": dict(self.anomalies),
-            "silenced": self.silenced,
+            "silenced": self.skipped.get("silenced", 0),
+            "skipped": dict(self.skipped),
+            "extras_sent": self.extras_sent,
             "latency_buckets": list(self.buckets),
             "latency_sum": self.latency_sum,
         }

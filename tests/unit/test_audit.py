@@ -126,7 +126,7 @@ def test_a_complete_stream_audits_clean() -> None:
     report = audit(SeqSet.of(PAIRS), _stream(PAIRS))
     assert report.ok
     assert report.as_dict() == {
-        "acked": 1000, "found": 1000, "lost": 0, "duplicated": 0, "unexpected": 0,
+        "acked": 1000, "found": 1000, "lost": 0, "duplicated": 0, "unexpected": 0, "unconfirmed": 0,
         "entries": 1000, "dead_letters": 0, "dead_lettered": 0,
         "examples": {"lost": [], "duplicated": [], "unexpected": []},
     }  # fmt: skip

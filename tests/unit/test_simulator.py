@@ -17,12 +17,12 @@ from config.settings import RouteSettings, Settings, SimulatorSettings
 from simulators import acked as acked_file
 from simulators.acklog import AckLog
 from simulators.app import shard_specs
-from simulators.connection import BufferedSocket
 from simulators.fleet import Fleet, asset_id, asset_index, messages_per_asset, topic_for
 from simulators.injection import Injector
 from simulators.models import CLASS_NAMES, CLASSES, payload_template
 from simulators.scenario import Event, Scenario, bundled, load_scenario, plan
 from simulators.stats import PublishStats, Totals, quantiles
+from simulators.wire import BufferedSocket
 
 ROUTE = RouteSettings(name="telemetry", topic="tABC/plant/{site}/{line}/{asset}/telemetry")
 
