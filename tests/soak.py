@@ -520,6 +520,8 @@ class Soak:
         self.report.audit = json.loads(done.stdout)
 
     def measure_processes(self) -> None:
+        # Every sample (seconds, RSS bytes, descriptors), for a look at a drift's shape.
+        (self.workdir / "samples.json").write_text(json.dumps(self.samples))
         self.report.redis_reported_lag = self.redis_lag()
         warm = warmup_s(self.duration_s)
         for name, samples in self.samples.items():
