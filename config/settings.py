@@ -35,6 +35,7 @@ from config.detector_settings import (
     ThresholdRule,
 )
 from config.sections import NAME_PATTERN, Name, Section
+from config.sparkplug_settings import SparkplugSettings
 
 # The whole model is importable from here; its sections live in the modules above.
 __all__ = [
@@ -43,8 +44,8 @@ __all__ = [
     "DetectorSettings", "DeviationRule", "FlatlineRule", "HttpSettings", "HttpTlsSettings",
     "LoggingSettings", "MqttSettings", "Name", "RateLimitSettings", "RateRule", "RedisSettings",
     "RetentionSettings", "RouteSettings", "Section", "SequenceGapRule", "Settings", "Severity",
-    "SimulatorSettings", "SpoolSettings", "StalenessRule", "ThresholdRule", "TlsSettings",
-    "WorkerSettings",
+    "SimulatorSettings", "SparkplugSettings", "SpoolSettings", "StalenessRule", "ThresholdRule",
+    "TlsSettings", "WorkerSettings",
 ]  # fmt: skip
 
 
@@ -401,6 +402,9 @@ class Settings(BaseSettings):
         description="Basic auth and TLS of every process's /metrics, /healthz and /readyz.",
     )
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
+    sparkplug: SparkplugSettings = Field(
+        default_factory=SparkplugSettings, description="The Sparkplug B host application."
+    )
 
     @classmethod
     def settings_customise_sources(
