@@ -72,7 +72,8 @@ def unescape(name: str) -> str:
 
 
 def asset_id(group: str, node: str, device: str | None = None) -> str:
-    """The asset of an edge node (`<group>/<node>`) or device (`<group>/<node>/<device>`)."""
+    """The asset of an edge node (`<group>/<node>`) or device (`<group>/<node>/<device>`). The
+    ids come from topic levels, so none holds a `/`: the path is unambiguous."""
     path = f"{group}/{node}" if device is None else f"{group}/{node}/{device}"
     return escape(path)
 

@@ -87,8 +87,8 @@ def parse(topic: str) -> EdgeTopic | StateTopic:
     except ValueError:
         raise TopicError(f"unknown message type {levels[2]!r}") from None
     if kind.device_level != (len(levels) == 5):
-        needs = "needs" if kind.device_level else "takes no"
-        raise TopicError(f"{kind} {needs} a device id")
+        needs = "needs a" if kind.device_level else "takes no"
+        raise TopicError(f"{kind} {needs} device id")
     group = _check_id("group id", levels[1])
     node = _check_id("edge node id", levels[3])
     device = _check_id("device id", levels[4]) if len(levels) == 5 else None
