@@ -33,51 +33,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bridge.record import Reason
 from bridge.sparkplug import names
-from bridge.sparkplug.payload import (
-    DataType,
-    Metric,
-    Payload,
-    PayloadRefused,
-    Value,
-    decode,
-    value_of,
+from bridge.sparkplug.births import (
+    BD_SEQ,
+    Entity,
+    MetricState,
+    birth_metrics,
+    birth_seq,
+    entity_of,
+    read_bd_seq,
 )
-from bridge.sparkplug.publish import answer_state, rebirth_request
+from bridge.sparkplug.payload import Metric, Payload, PayloadRefused, decode, value_of
+from bridge.sparkplug.publish import (
+    Publication,
+    answer_state,
+    rebirth_request,
+    state_birth,
+    state_death,
+    state_will,
+)
 from bridge.sparkplug.records import Counters, Event, Outcome, Refusal, Sample, build_entries
 from bridge.sparkplug.sequence import SEQ_MODULUS, Placement, Reorder
 from bridge.sparkplug.topic import EdgeTopic, MessageType, StateTopic, TopicError, parse
 from config.sparkplug_settings import SparkplugSettings
 
-BD_SEQ = "bdSeq"
 # Control metrics steer the session; they are not telemetry.
 _CONTROL_PREFIXES = ("Node Control/", "Device Control/")
-
-
-@dataclass(slots=True)
-class MetricState:
-    name: str
-    alias: int | None
-    datatype: int
-    value: Value | None = None
-    timestamp_ms: int | None = None
-    stale: bool = False
-
-
-@dataclass(slots=True)
-class Entity:
-    """An edge node or a device: its asset id, metric tables and whether it is online."""
-
-    asset: str
-    by_name: dict[str, MetricState] = field(default_factory=dict)
-    by_alias: dict[int, MetricState] = field(default_factory=dict)
-    online: bool = True
-
-    def go_offline(self) -> tuple[str, ...]:
-        self.online = False
-        for metric in self.by_name.values():
-            metric.stale = True
-        return tuple(names.value_name(name) for name in self.by_name)
 
 
 @dataclass(slots=True)
@@ -128,6 +110,18 @@ class Host:
             counters,
         )
 
+    def start_session(self, connect_ms: int) -> tuple[Publication, Publication]:
+        """The Will to put in the next MQTT CONNECT and the STATE birth to publish once
+        subscribed (tck-id-host-topic-phid-birth-sub-required: subscriptions first), both with
+        the CONNECT's time."""
+        self.connect_ms = connect_ms
+        return state_will(self.host_id, connect_ms), state_birth(self.host_id, connect_ms)
+
+    def stop_session(self, now_ms: int) -> Publication:
+        """The STATE death to publish before a clean DISCONNECT."""
+        self.connect_ms = None
+        return state_death(self.host_id, now_ms)
+
     def node(self, group: str, name: str) -> Node:
         key = (group, name)
         if key not in self._nodes:
@@ -140,7 +134,7 @@ class Host:
         try:
             parsed = parse(topic)
         except TopicError as exc:
-            out.refusals.append(Refusal(topic, "topic", str(exc)))
+            out.refusals.append(Refusal(topic, Reason.TOPIC, str(exc)))
             return out
         if isinstance(parsed, StateTopic):
             self._state(parsed, data, out)
@@ -211,7 +205,7 @@ class Host:
         topic, seq = received.topic, received.payload.seq
         if seq is None or not 0 <= seq < SEQ_MODULUS:
             detail = "no seq" if seq is None else f"seq {seq} is not 0-255"
-            out.refusals.append(Refusal(str(topic), "schema", detail))
+            out.refusals.append(Refusal(str(topic), Reason.SCHEMA, detail))
             return
         if not node.reorder.started:
             out.unknown += 1
@@ -299,9 +293,9 @@ class Host:
     def _node_birth(self, node: Node, received: Received, now: float, out: Outcome) -> None:
         topic, payload = received.topic, received.payload
         try:
-            seq = _birth_seq(payload)
-            bd_seq = _bd_seq(payload)
-            entity = _entity(names.asset_id(topic.group, topic.node), payload)
+            seq = birth_seq(payload)
+            bd_seq = read_bd_seq(payload)
+            entity = entity_of(names.asset_id(topic.group, topic.node), payload)
         except PayloadRefused as exc:
             out.refusals.append(Refusal(str(topic), exc.reason, exc.detail))
             return
@@ -313,7 +307,7 @@ class Host:
         node.devices.clear()
         ts = _seconds(payload, now)
         out.events.append(Event(entity.asset, True, ts, topic.kind, bd_seq))
-        self._write(node, entity, received, _births(entity, payload), now, out)
+        self._write(node, entity, received, birth_metrics(entity, payload), now, out)
 
     def _device_birth(self, node: Node, received: Received, now: float, out: Outcome) -> None:
         topic, payload = received.topic, received.payload
@@ -322,7 +316,7 @@ class Host:
             self._rebirth(node, now, out)
             return
         try:
-            entity = _entity(names.asset_id(topic.group, topic.node, topic.device), payload)
+            entity = entity_of(names.asset_id(topic.group, topic.node, topic.device), payload)
         except PayloadRefused as exc:
             out.refusals.append(Refusal(str(topic), exc.reason, exc.detail))
             self._rebirth(node, now, out)
@@ -330,11 +324,11 @@ class Host:
         node.devices[topic.device] = entity
         ts = _seconds(payload, now)
         out.events.append(Event(entity.asset, True, ts, topic.kind, node.bd_seq))
-        self._write(node, entity, received, _births(entity, payload), now, out)
+        self._write(node, entity, received, birth_metrics(entity, payload), now, out)
 
     def _node_death(self, node: Node, payload: Payload, now: float, out: Outcome) -> None:
         try:
-            bd_seq = _bd_seq(payload)
+            bd_seq = read_bd_seq(payload)
         except PayloadRefused as exc:
             topic = str(EdgeTopic(node.group, MessageType.NDEATH, node.name))
             out.refusals.append(Refusal(topic, exc.reason, exc.detail))
@@ -351,39 +345,3 @@ class Host:
 
 def _seconds(payload: Payload, now: float) -> float:
     return payload.timestamp_ms / 1000 if payload.timestamp_ms is not None else now
-
-
-def _birth_seq(payload: Payload) -> int:
-    if payload.seq is None or not 0 <= payload.seq < SEQ_MODULUS:
-        raise PayloadRefused("NBIRTH needs a seq of 0-255")
-    return payload.seq
-
-
-def _bd_seq(payload: Payload) -> int:
-    metric = payload.metric(BD_SEQ)
-    if metric is None:
-        raise PayloadRefused("no bdSeq metric")
-    value = value_of(metric, metric.datatype if metric.datatype is not None else DataType.INT64)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise PayloadRefused("bdSeq is not an integer")
-    return value
-
-
-def _entity(asset: str, payload: Payload) -> Entity:
-    """The metric tables of a birth; PayloadRefused when a name is missing or an alias repeats."""
-    entity = Entity(asset)
-    for metric in payload.metrics:
-        if metric.name is None:
-            raise PayloadRefused("a birth metric without a name")
-        datatype = metric.datatype if metric.datatype is not None else DataType.UNKNOWN
-        state = MetricState(metric.name, metric.alias, datatype)
-        entity.by_name[metric.name] = state
-        if metric.alias is not None:
-            if metric.alias in entity.by_alias:
-                raise PayloadRefused(f"alias {metric.alias} is declared twice")
-            entity.by_alias[metric.alias] = state
-    return entity
-
-
-def _births(entity: Entity, payload: Payload) -> list[tuple[Metric, MetricState]]:
-    return [(m, entity.by_name[m.name]) for m in payload.metrics if m.name is not None]

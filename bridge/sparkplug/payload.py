@@ -18,6 +18,7 @@ from enum import IntEnum
 
 from google.protobuf.message import DecodeError
 
+from bridge.record import Reason
 from bridge.sparkplug import sparkplug_b_pb2 as pb
 
 Value = int | float | bool | str
@@ -64,7 +65,7 @@ SUPPORTED = frozenset(
 class PayloadRefused(ValueError):
     """A payload (or one metric of it) that cannot be read; `reason` is a dead-letter reason."""
 
-    def __init__(self, detail: str, reason: str = "schema") -> None:
+    def __init__(self, detail: str, reason: Reason = Reason.SCHEMA) -> None:
         super().__init__(detail)
         self.reason = reason
         self.detail = detail

@@ -22,7 +22,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from bridge.record import text_field, value_field
+from bridge.record import Reason, text_field, value_field
 from bridge.sparkplug.payload import Value
 from bridge.sparkplug.publish import Publication
 
@@ -67,7 +67,7 @@ class Refusal:
     """A message, or one metric of it, that was not written; reason is a dead-letter reason."""
 
     topic: str
-    reason: str
+    reason: Reason
     detail: str
     metric: str | None = None
 

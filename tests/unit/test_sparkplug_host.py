@@ -424,7 +424,8 @@ def test_an_offline_state_for_the_host_itself_is_answered_with_its_birth() -> No
     assert answer_state("scada", b'{"online": true, "timestamp": 5}', MS0) is None
     assert answer_state("scada", b"OFFLINE", MS0) is None  # Sparkplug 2.2's text form: not ours
     host = _host()
-    host.connect_ms = MS0
+    will, birth = host.start_session(MS0)
+    assert (will, birth) == (state_will("iotbridge", MS0), state_birth("iotbridge", MS0))
     out = host.handle("spBv1.0/STATE/iotbridge", state_will("iotbridge", MS0 - 1).payload, T0)
     assert out.commands == [state_birth("iotbridge", MS0)]
     assert host.handle("spBv1.0/STATE/other", state_will("other", MS0).payload, T0).commands == []
@@ -433,3 +434,11 @@ def test_an_offline_state_for_the_host_itself_is_answered_with_its_birth() -> No
 def test_value_names_and_assets_are_plain_names() -> None:
     assert names.asset_id(GROUP, NODE, "Pump 2") == "Plant-201.Edge_1.Pump-202"
     assert names.value_name("Sensors/Temperature") == "Sensors.Temperature"
+
+
+def test_after_a_clean_stop_the_host_no_longer_answers_state() -> None:
+    host = _host()
+    host.start_session(MS0)
+    assert host.stop_session(MS0 + 50) == state_death("iotbridge", MS0 + 50)
+    offline = state_death("iotbridge", MS0 + 50).payload
+    assert host.handle("spBv1.0/STATE/iotbridge", offline, T0).commands == []
