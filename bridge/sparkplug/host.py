@@ -154,6 +154,8 @@ class Host:
             self._node_death(node, payload, now, out)
         else:
             self._sequenced(node, Received(parsed, payload), now, out)
+            # With a timeout of 0 (reordering off) a hole is given up on at once.
+            self._expire_node(node, now, out)
         return out
 
     def expire(self, now: float) -> Outcome:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import lru_cache
 
 NAMESPACE = "spBv1.0"
 STATE = "STATE"
@@ -73,6 +74,8 @@ def _check_id(what: str, value: str) -> str:
     return value
 
 
+# Topics recur with every message of a node; refusals are not cached (lru_cache keeps no raise).
+@lru_cache(maxsize=65_536)
 def parse(topic: str) -> EdgeTopic | StateTopic:
     """The parts of a Sparkplug B topic; TopicError when it is not one."""
     levels = topic.split("/")

@@ -174,6 +174,14 @@ def test_a_dropped_seq_gives_one_rebirth_request_once_the_timeout_has_passed() -
     assert value_of(metric, DataType.BOOLEAN) is True
 
 
+def test_with_a_reorder_timeout_of_0_a_hole_asks_for_a_rebirth_at_once() -> None:
+    host, edge = Host("iotbridge", 0.0, INTERVAL_S), Edge()
+    _born(host, edge)
+    edge.seq += 1
+    out = _feed(host, edge.ndata({TEMPERATURE: 7.0}))
+    assert (_temperatures(out.entries), out.missing, len(_rebirths(out))) == ([7.0], 1, 1)
+
+
 def test_a_storm_of_gaps_gives_at_most_one_rebirth_request_per_node_per_interval() -> None:
     host, edges = _host(), [Edge(node="A"), Edge(node="B")]
     requests: list[tuple[float, str]] = []
