@@ -14,7 +14,9 @@ PY=${PY:-.venv/bin/python}
 for f in bridge/sparkplug/sparkplug_b_pb2.py bridge/sparkplug/sparkplug_b_pb2.pyi; do
   {
     echo "# ruff: noqa"
-    echo "# Generated from bridge/sparkplug/sparkplug_b.proto (Eclipse Tahu, EPL-2.0); do not edit."
+    echo "# Generated from bridge/sparkplug/sparkplug_b.proto, Eclipse Tahu's sparkplug_b/sparkplug_b.proto"
+    echo "# (https://github.com/eclipse/tahu at 5736e404889d4b95910613040a99ba79589ffb13), copied unchanged."
+    echo "# Licence: Eclipse Public License 2.0 (SPDX-License-Identifier: EPL-2.0). Do not edit."
     echo "# Regenerate with: sh bridge/sparkplug/regenerate.sh, which runs"
     echo "#   $PY -m grpc_tools.protoc --proto_path=. --python_out=. --pyi_out=. bridge/sparkplug/sparkplug_b.proto"
     echo "# then adds this header and formats the file with ruff."

@@ -1,5 +1,7 @@
 # ruff: noqa
-# Generated from bridge/sparkplug/sparkplug_b.proto (Eclipse Tahu, EPL-2.0); do not edit.
+# Generated from bridge/sparkplug/sparkplug_b.proto, Eclipse Tahu's sparkplug_b/sparkplug_b.proto
+# (https://github.com/eclipse/tahu at 5736e404889d4b95910613040a99ba79589ffb13), copied unchanged.
+# Licence: Eclipse Public License 2.0 (SPDX-License-Identifier: EPL-2.0). Do not edit.
 # Regenerate with: sh bridge/sparkplug/regenerate.sh, which runs
 #   .venv/bin/python -m grpc_tools.protoc --proto_path=. --python_out=. --pyi_out=. bridge/sparkplug/sparkplug_b.proto
 # then adds this header and formats the file with ruff.
