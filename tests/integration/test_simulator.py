@@ -1,13 +1,15 @@
 """The simulator against a real broker: every message scheduled is published, acknowledged and
-delivered to a subscriber; the report and the command line say so; several processes; and a
+delivered to a subscriber; the report and the command line say so; several processes; a
 1,000-asset scenario through the bridge into Redis, audited (lost 0, then exactly what a test
-deletes)."""
+deletes); and a broker that stops acknowledging: bounded memory, every skipped message counted,
+publishes given up without a PUBACK accounted for by the audit."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +28,8 @@ from config.settings import Settings
 from simulators.app import SimulatorApp
 from simulators.scenario import Scenario
 from tests.clients import running_bridge
-from tests.services import free_port, wait_until
+from tests.faults import rss_bytes
+from tests.services import Service, free_port, http_get, mosquitto_service, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -376,3 +379,180 @@ async def test_scenario_through_the_bridge_audits_clean_then_counts_what_is_dele
     assert code == 1
     assert audit["lost"] == 7
     assert audit["found"] == regular - 4 - 7
+
+
+# --- a broker that stops acknowledging ----------------------------------------------------------
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Service]:
+    """A mosquitto of this test's own, which it may stop (SIGSTOP) without harming the others."""
+    service = mosquitto_service(tmp_path / "mosquitto")
+    if service is None:
+        pytest.skip("needs mosquitto")
+    service.start()
+    yield service
+    service.signal(signal.SIGCONT)
+    service.stop()
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """One sample of a /metrics page (0 when the series is not there yet)."""
+    for line in text.splitlines():
+        if line.startswith(name + labels + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_stopped_broker_costs_bounded_memory_and_every_skipped_message_is_counted(
+    own_broker: Service, unique: str, tmp_path: Path
+) -> None:
+    """The broker stops reading (SIGSTOP) while 4,000 assets publish 4,000 msg/s: the simulator
+    holds at most max_outstanding unacknowledged, its memory stays flat, and what it could not
+    send is skipped, logged, counted in /metrics and in the report (sent + skipped = scheduled)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "IOTBRIDGE_MQTT__URL": f"mqtt://127.0.0.1:{own_broker.port}",
+        "IOTBRIDGE_MQTT__PROTOCOL": "5",
+        "IOTBRIDGE_SIMULATOR__METRICS_PORT": str(port),
+        "IOTBRIDGE_SIMULATOR__CLIENT_ID_PREFIX": unique,
+        "IOTBRIDGE_SIMULATOR__ASSETS_PER_CONNECTION": "200",
+        "IOTBRIDGE_SIMULATOR__MAX_OUTSTANDING": "300",
+        "IOTBRIDGE_SIMULATOR__MAX_LAG_S": "0.5",
+        "IOTBRIDGE_SIMULATOR__ACK_TIMEOUT_S": "5",
+    }
+    args = ["simulate", "--assets", "4000", "--rate", "1", "--duration", "8", "--no-progress"]
+    log = (tmp_path / "simulator.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=log, text=True)  # fmt: skip
+    try:
+        page = {"text": ""}
+
+        def scraped(predicate: Callable[[str], bool]) -> bool:
+            assert proc.poll() is None, "the simulator ended early"
+            status, page["text"] = http_get(port, "/metrics", 1)
+            return status == 200 and predicate(page["text"])
+
+        sent = "iotbridge_simulator_messages_sent_total"
+        wait_until(lambda: scraped(lambda t: metric(t, sent) >= 2000), 30, "publishing")
+        own_broker.signal(signal.SIGSTOP)
+        rss_stopped, outstanding, rss = rss_bytes(proc.pid), [], []
+        behind = 'iotbridge_simulator_messages_failed_total{kind="behind_schedule"}'
+
+        def skipped_enough(text: str) -> bool:
+            outstanding.append(metric(text, "iotbridge_simulator_outstanding_messages"))
+            rss.append(rss_bytes(proc.pid))
+            return metric(text, behind) >= 6000  # 1.5 s of the schedule
+
+        wait_until(lambda: scraped(skipped_enough), 30, "skipped messages", poll_s=0.1)
+        sent_stopped = metric(page["text"], sent)
+        own_broker.signal(signal.SIGCONT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        own_broker.signal(signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+    assert max(outstanding) <= 300
+    assert max(rss) - rss_stopped < 20e6, (rss_stopped, max(rss))
+    assert sent_stopped - 2000 <= 300 + 4000  # taken while stopping: the window and a second
+    report = json.loads(out.splitlines()[-1])
+    assert proc.returncode == 1  # a run that could not keep its schedule says so
+    assert report["skipped_by_reason"]["behind_schedule"] >= 6000
+    assert report["sent"] - report["extras_sent"] + report["skipped"] == report["scheduled"]
+    assert report["scheduled"] == 4000 * 8
+    assert report["acked"] + report["unconfirmed"] == report["sent"]
+    assert report["failed_by_kind"]["behind_schedule"] == report["skipped_by_reason"][
+        "behind_schedule"]  # fmt: skip
+    assert "fell behind the schedule" in (tmp_path / "simulator.log").read_text()
+
+
+class AckSwallower:
+    """A TCP proxy to the broker that forwards everything, except that once `swallowing` nothing
+    goes back to the client: the broker takes the publishes, their PUBACKs are lost."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.swallowing = False
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> AckSwallower:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        for src, dst, down in ((reader, up_writer, False), (up_reader, writer, True)):
+            task = asyncio.create_task(self._pipe(src, dst, down))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, down: bool) -> None:
+        try:
+            while chunk := await src.read(65536):
+                if not (down and self.swallowing):
+                    dst.write(chunk)
+                    await dst.drain()
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+
+async def test_publishes_given_up_unacknowledged_reach_the_audit_as_unconfirmed(
+    make_settings: Callable[..., Settings],
+    mqtt_broker: tuple[str, str],
+    unique: str,
+    tmp_path: Path,
+) -> None:
+    """The PUBACKs stop coming back (the broker takes the publishes, the way back is cut); the
+    simulator gives up what is in flight at the end of its run. The bridge stored those all the
+    same: the audit counts them as unconfirmed, neither acknowledged nor unexpected, and finds
+    every acknowledged message."""
+    import redis
+
+    broker_port = int(mqtt_broker[0].rsplit(":", 1)[1])
+    acked = tmp_path / "acked.jsonl"
+    async with AckSwallower(broker_port) as proxy:
+        bridge_settings = make_settings()
+        settings = make_settings(
+            mqtt={"url": f"mqtt://127.0.0.1:{proxy.port}"},
+            simulator={"assets": 200, "rate_hz": 5, "duration_s": 3, "qos": 1,
+                       "anomaly_rate": 0.0, "assets_per_connection": 100, "ack_timeout_s": 0.5,
+                       "max_lag_s": 0.5},
+        )  # fmt: skip
+        keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
+        db = redis.Redis.from_url(settings.redis.url, decode_responses=True)
+        streams = keys.telemetry_streams("telemetry")
+        async with running_bridge(bridge_settings):
+            app = SimulatorApp(settings, CollectorRegistry(), acked=acked)
+            run = asyncio.create_task(app.run(asyncio.Event()))
+            await eventually(lambda: app.report()["acked"] >= 500, "first acks")
+            proxy.swallowing = True
+            async with asyncio.timeout(30):
+                await run
+            report = app.report()
+            assert report["unconfirmed"] > 0
+            await eventually(lambda: sum(db.xlen(k) for k in streams) >= report["sent"],
+                             "the bridge to store what the broker took")  # fmt: skip
+
+    code, audit = audit_cli(acked, settings)
+    assert code == 0, audit
+    assert (audit["lost"], audit["duplicated"], audit["unexpected"]) == (0, 0, 0), audit
+    assert audit["acked"] == audit["found"] == report["acked"]
+    assert audit["unconfirmed"] == report["unconfirmed"]
+    assert report["sent"] == report["acked"] + report["unconfirmed"]
+    assert report["sent"] + report["skipped"] == report["scheduled"]

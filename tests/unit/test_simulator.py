@@ -1,5 +1,6 @@
 """The simulator's pure parts: classes and signals, payloads, topics, the schedule, scenarios and
-their plan, injections, the acknowledged set and its file, counts."""
+their plan, injections, the acknowledged set and its file, counts, the MQTT framing of its hot
+path."""
 
 from __future__ import annotations
 
@@ -17,12 +18,14 @@ from config.settings import RouteSettings, Settings, SimulatorSettings
 from simulators import acked as acked_file
 from simulators.acklog import AckLog
 from simulators.app import shard_specs
+from simulators.audit import audit
 from simulators.fleet import Fleet, asset_id, asset_index, messages_per_asset, topic_for
 from simulators.injection import Injector
 from simulators.models import CLASS_NAMES, CLASSES, payload_template
 from simulators.scenario import Event, Scenario, bundled, load_scenario, plan
+from simulators.schedule import Schedule
 from simulators.stats import PublishStats, Totals, quantiles
-from simulators.wire import BufferedSocket
+from simulators.wire import BufferedSocket, publish_packet, topic_field
 
 ROUTE = RouteSettings(name="telemetry", topic="tABC/plant/{site}/{line}/{asset}/telemetry")
 
@@ -418,3 +421,142 @@ def test_write_of_the_acked_header_is_one_json_line() -> None:
     out = io.StringIO()
     acked_file.write(out, {"route": "r"}, [])
     assert json.loads(out.getvalue()) == {"format": acked_file.FORMAT, "route": "r"}
+
+
+# --- the wire: PUBLISH packets and PUBACKs without paho -----------------------------------------
+
+
+def _parse_publish(packet: bytes, v5: bool) -> tuple[int, str, int, bytes]:
+    """(header, topic, packet id or 0, payload) of one PUBLISH, decoded by the spec (3.3)."""
+    length, width, mult = 0, 0, 1
+    while True:
+        byte = packet[1 + width]
+        length += (byte & 0x7F) * mult
+        mult *= 128
+        width += 1
+        if not byte & 0x80:
+            break
+    body = packet[1 + width :]
+    assert len(body) == length
+    topic_len = int.from_bytes(body[:2], "big")
+    topic, rest = body[2 : 2 + topic_len].decode(), body[2 + topic_len :]
+    mid = 0
+    if packet[0] & 0x06:
+        mid, rest = int.from_bytes(rest[:2], "big"), rest[2:]
+    if v5:
+        assert rest[:1] == b"\x00"  # no properties
+        rest = rest[1:]
+    return packet[0], topic, mid, rest
+
+
+@pytest.mark.parametrize("v5", [True, False])
+@pytest.mark.parametrize("size", [10, 200, 20_000])  # one, two and three length bytes
+def test_publish_packets_follow_the_spec(v5: bool, size: int) -> None:
+    field = topic_field("plant/s1/l1/a000001/telemetry")
+    payload = b"x" * size
+    assert _parse_publish(publish_packet(field, payload, 513, v5=v5), v5) == (
+        0x32, "plant/s1/l1/a000001/telemetry", 513, payload)  # fmt: skip
+    assert _parse_publish(publish_packet(field, payload, 0, v5=v5), v5) == (
+        0x30, "plant/s1/l1/a000001/telemetry", 0, payload)  # fmt: skip
+
+
+def test_pubacks_are_taken_whole_and_the_rest_left_for_paho() -> None:
+    left, right = socket.socketpair()
+    try:
+        right.setblocking(False)
+        buffered = BufferedSocket(right)
+        acks: list[tuple[int, bool]] = []
+        # 3.1.1 PUBACK, MQTT 5 with "no matching subscribers" (a success), one with "not
+        # authorized" and properties, then a PINGRESP and the first half of a PUBACK.
+        left.sendall(b"\x40\x02\x00\x01" + b"\x40\x03\x00\x02\x10" + b"\x40\x04\x00\x03\x87\x00"
+                     + b"\xd0\x00" + b"\x40\x02\x00")  # fmt: skip
+        assert buffered.fill()
+        assert buffered.take_pubacks(lambda mid, failed: acks.append((mid, failed)))
+        assert acks == [(1, False), (2, False), (3, True)]
+        assert [buffered.recv(1), buffered.recv(1)] == [b"\xd0", b"\x00"]  # paho's PINGRESP
+        assert not buffered.take_pubacks(lambda mid, failed: acks.append((mid, failed)))
+        left.sendall(b"\x04")  # the rest of that PUBACK arrives
+        assert buffered.fill()
+        assert not buffered.take_pubacks(lambda mid, failed: acks.append((mid, failed)))
+        assert acks[-1] == (4, False)
+        assert not buffered.buffered
+        left.close()
+        assert not buffered.fill()
+        assert buffered.eof
+        assert buffered.recv(1) == b""  # paho reads the close
+    finally:
+        left.close()
+        right.close()
+
+
+def test_buffered_socket_counts_what_the_kernel_has_not_taken() -> None:
+    left, right = socket.socketpair()
+    try:
+        right.setblocking(False)
+        right.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        buffered = BufferedSocket(right)
+        chunk = b"y" * 65536
+        for _ in range(16):
+            buffered.send(chunk)
+        assert buffered.out_bytes == 16 * 65536
+        assert not buffered.flush()  # nobody reads the other end
+        assert 0 < buffered.out_bytes < 16 * 65536
+    finally:
+        left.close()
+        right.close()
+
+
+# --- the schedule: late messages are skipped, never queued --------------------------------------
+
+
+def test_schedule_skips_what_is_later_than_the_lag_and_counts_it() -> None:
+    fleet = Fleet(sim(assets=4, rate_hz=10.0, duration_s=10.0, jitter=0.0), ROUTE)
+    schedule = Schedule(fleet, fleet.per_asset(10.0), max_lag_s=0.5)  # 100 messages per asset
+    assert schedule.take(0) == [0]  # asset 0 has offset 0
+    assert schedule.advance(0, 0)  # message 0 sent; message 1 is due at 0.1 s (tick 20)
+    # At 1.0 s (tick 200), messages 1..10 are due; those due before 0.5 s (1..4) are too late.
+    assert schedule.skip_late(0, 200) == 4
+    assert schedule.next_k[0] == 5
+    assert schedule.skip_late(0, 200) == 0  # message 5 is due at 0.5 s: 0.5 s late, not more
+    # At the end, everything not dealt with is counted, and assets run out.
+    assert schedule.skip_late(0, 10_000) == 95
+    assert schedule.done(0)
+    assert schedule.remaining == 3
+    assert schedule.unsent() == 3 * 100
+
+
+def test_skips_add_up_to_the_schedule_and_failures_name_the_kind() -> None:
+    stats = PublishStats()
+    stats.sent = 7
+    stats.extras_sent = 2  # a duplicate and a bad copy
+    stats.skip("behind_schedule", 3)
+    stats.skip("stopped", 4)
+    stats.skip("silenced")
+    stats.fail("not_connected")  # an extra that could not go: not a skip
+    snapshot = stats.snapshot()
+    assert snapshot["skipped"] == {"behind_schedule": 3, "stopped": 4, "silenced": 1}
+    assert snapshot["failed_by_kind"] == {"behind_schedule": 3, "not_connected": 1}
+    assert stats.sent - stats.extras_sent + sum(stats.skipped.values()) == 13
+
+
+def test_given_up_publishes_are_written_as_unconfirmed_and_marked_for_the_audit(
+    tmp_path: Path,
+) -> None:
+    log = AckLog(first=0, count=2)
+    for seq in range(3):
+        log.add(0, 0, seq)
+    for seq in (3, 4, 6):  # sent, the connection dropped before their PUBACKs
+        log.add_unconfirmed(0, 0, seq)
+    path = tmp_path / "acked.jsonl"
+    with path.open("w") as out:
+        acked_file.write(out, {"route": "telemetry"}, log.records())
+    loaded = acked_file.load(path)
+    assert len(loaded.acked) == 3  # never counted as acknowledged
+    assert list(loaded.unconfirmed) == [("a000001", 3), ("a000001", 4), ("a000001", 6)]
+    entries: list[Any] = [
+        ("1-0", {"asset": "a000001", "seq": "2", "ts": "1.0"}),
+        ("2-0", {"asset": "a000001", "seq": "4", "ts": "1.0"}),  # the broker had taken it
+        ("3-0", {"asset": "a000001", "seq": "5", "ts": "1.0"}),  # nobody sent this one
+    ]
+    report = audit(loaded.acked, loaded.telemetry(entries, [0]))
+    assert (report.found, report.lost, report.unconfirmed, report.unexpected) == (1, 2, 1, 1)
