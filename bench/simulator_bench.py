@@ -1,13 +1,19 @@
-"""Simulator benchmark: memory per asset, schedule accuracy at the broker, throughput.
+"""Simulator benchmark: memory per asset, schedule accuracy at the broker, throughput, CPU.
 
 Runs `iotbridge simulate` against a Mosquitto of its own (with `sys_interval 1`), and measures
 at the broker: `$SYS/broker/publish/messages/received` once a second, over the middle of the run
 (the ramp and the drain left out). Memory is the sum over the simulator's processes (parent and
 children) of RSS and PSS from /proc, sampled through the run; the bytes per asset are the
 difference between a 100,000-asset run and a 100-asset run, divided by the difference in assets.
+CPU is the simulator's processes' user + system time: over the whole run per message sent
+(`cpu_us_per_msg`, start-up included), and over the middle of the run per message the broker
+counted (`steady_cpu_us_per_msg`). `stall` stops the broker (SIGSTOP) for half of the run
+(from 30% of it): memory must stay flat, and what could not be sent is counted as skipped.
 
     .venv/bin/python -m bench.simulator_bench                 # everything (about 4 minutes)
     .venv/bin/python -m bench.simulator_bench --only memory   # memory, schedule, qos0, qos1
+    .venv/bin/python -m bench.simulator_bench --only target   # 100K assets, 10,000 msg/s QoS 1
+    .venv/bin/python -m bench.simulator_bench --only stall    # the same, the broker stopped 50%
 
 Prints one JSON object. Not a test: the numbers depend on what else the machine is doing.
 """
@@ -15,6 +21,7 @@ Prints one JSON object. Not a test: the numbers depend on what else the machine 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -30,7 +37,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.procs import ROOT, services
+from bench.procs import ROOT, cpu_seconds, services
 
 
 class BrokerCounter:
@@ -75,6 +82,15 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _cpu(pid: int) -> float:
+    """User + system CPU seconds of a process and its children so far."""
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += cpu_seconds(p)
+    return total
+
+
 def _memory(pid: int) -> tuple[int, int]:
     """(RSS, PSS) in bytes of a process and its children."""
     rss = pss = 0
@@ -115,11 +131,13 @@ def simulate(
     started = time.monotonic()
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     peak_rss = peak_pss = 0
+    cpu_samples: list[tuple[float, float]] = []  # (time, CPU seconds of the simulator's processes)
     stopped_at: float | None = None
     try:
         while proc.poll() is None:
             rss, pss = _memory(proc.pid)
             peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            cpu_samples.append((time.monotonic(), _cpu(proc.pid)))
             if stall is not None:
                 after_s, for_s, broker_pid = stall
                 now = time.monotonic()
@@ -143,6 +161,10 @@ def simulate(
     publish_end = ended - 1.5
     window = (publish_end - duration * 0.8, publish_end - duration * 0.1)
     broker_rate = counter.rate(*window)
+    inside = [c for c in cpu_samples if window[0] <= c[0] <= window[1]]
+    steady_cpu = (
+        (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]) if len(inside) > 1 else 0.0
+    )
     target = report.get("target_rate", 0.0)
     return {
         "options": options,
@@ -164,6 +186,9 @@ def simulate(
         "peak_pss_mb": round(peak_pss / 1e6, 1),
         "cpu_s": round(cpu_s, 2),
         "cpu_us_per_msg": round(cpu_s * 1e6 / report["sent"], 1) if report.get("sent") else None,
+        # Over the middle of the run, against the broker's count: without start-up and drain.
+        "steady_cores": round(steady_cpu, 3),
+        "steady_cpu_us_per_msg": round(steady_cpu * 1e6 / broker_rate, 1) if broker_rate else None,
     }
 
 

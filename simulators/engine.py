@@ -27,7 +27,7 @@ from config.settings import Settings
 from simulators.acklog import AckLog, write_records
 from simulators.connection import Connection
 from simulators.fleet import Fleet
-from simulators.injection import Injector
+from simulators.injection import Injector, bad_payload
 from simulators.outbox import EXTRA, Outbox
 from simulators.scenario import Event
 from simulators.schedule import TICK_S, Schedule
@@ -248,18 +248,16 @@ class Engine:
     def _skip_waiting(self, conn: Connection) -> None:
         """Count the late messages of a connection's waiting assets as they fall behind, not
         only when the connection takes messages again."""
-        schedule, tick, kept = self.schedule, self.tick, []
-        for local in conn.waiting:
-            late = schedule.skip_late(local, tick)
+        schedule, waiting = self.schedule, conn.waiting
+        for _ in range(len(waiting)):
+            local = waiting.popleft()
+            late = schedule.skip_late(local, self.tick)
             if late:
                 self._behind(late)
             if schedule.done(local):
                 self._release_held(local)
             else:
-                kept.append(local)
-        if len(kept) < len(conn.waiting):
-            conn.waiting.clear()
-            conn.waiting.extend(kept)
+                waiting.append(local)
 
     def _behind(self, count: int) -> None:
         self.stats.skip("behind_schedule", count)
@@ -292,40 +290,28 @@ class Engine:
             self.acks.restarted(local, as_sent(m.ts))
         ident = (local, -2 - m.epoch if m.bad else m.epoch, m.seq)
         if m.bad:
-            self._count_fault("clock_skew")
+            self.stats.fault("clock_skew")
         if m.hold:
-            self._count_fault("out_of_order")
+            self.stats.fault("out_of_order")
             self._release_held(local)
             self.held[local] = (conn, topic, payload, ident)
             return
         outbox.publish(conn, topic, payload, ident)
         self._release_held(local)
         if m.restarted:
-            self._count_fault("restart")
+            self.stats.fault("restart")
         if m.duplicate:
-            self._count_fault("duplicate")
+            self.stats.fault("duplicate")
             outbox.publish(conn, topic, payload, ident, scheduled=False)
         for kind in m.extras:
-            self._count_fault(kind)
-            bad = self._bad_payload(kind, payload, m.ts, m.seq)
+            self.stats.fault(kind)
+            bad = bad_payload(kind, payload, m.ts, m.seq, self._max_payload)
             outbox.publish(conn, topic, bad, (local, EXTRA, 0), scheduled=False)
 
     def _release_held(self, local: int) -> None:
         held = self.held.pop(local, None) if self.held else None
         if held is not None:
             self.outbox.publish(*held)
-
-    def _count_fault(self, kind: str) -> None:
-        faults = self.stats.faults
-        faults[kind] = faults.get(kind, 0) + 1
-
-    def _bad_payload(self, kind: str, payload: bytes, ts: float, seq: int) -> bytes:
-        if kind == "malformed":
-            return payload[: len(payload) // 2]  # cut mid-object: not JSON
-        if kind == "wrong_type":
-            return b'{"ts":%.6f,"seq":"%d","values":{"temperature":"hot"}}' % (ts, seq)
-        pad = self._max_payload + 1024 - len(payload)  # oversized: past bridge.max_payload_bytes
-        return payload[:-1] + b',"blob":"' + b"x" * max(pad, 1) + b'"}'
 
     def _truth(self, record: dict[str, Any]) -> None:
         self._emit({"type": "truth", "record": record})
@@ -412,7 +398,9 @@ class Engine:
         self._selector.close()
 
     def _final(self) -> dict[str, Any]:
-        self._write_acked()
+        if self.spec.acked_part is not None:
+            with open(self.spec.acked_part, "w", encoding="utf-8") as out:
+                write_records(out, self.acks.records())
         return {
             **self._progress(),
             "type": "final",
@@ -421,9 +409,3 @@ class Engine:
             "elapsed_s": self.elapsed_s,
             "latencies": self.stats.latencies,
         }
-
-    def _write_acked(self) -> None:
-        if self.spec.acked_part is None:
-            return
-        with open(self.spec.acked_part, "w", encoding="utf-8") as out:
-            write_records(out, self.acks.records())

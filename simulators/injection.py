@@ -196,3 +196,13 @@ class Injector:
         if truncated:
             record["truncated"] = True
         self._truth(record)
+
+
+def bad_payload(kind: str, payload: bytes, ts: float, seq: int, max_payload: int) -> bytes:
+    """The extra message of a bad-message fault, made from the message it rides along with."""
+    if kind == "malformed":
+        return payload[: len(payload) // 2]  # cut mid-object: not JSON
+    if kind == "wrong_type":
+        return b'{"ts":%.6f,"seq":"%d","values":{"temperature":"hot"}}' % (ts, seq)
+    pad = max_payload + 1024 - len(payload)  # oversized: past bridge.max_payload_bytes
+    return payload[:-1] + b',"blob":"' + b"x" * max(pad, 1) + b'"}'

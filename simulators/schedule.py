@@ -49,7 +49,7 @@ class Schedule:
 
     def skip_late(self, local: int, tick: int) -> int:
         """Pass over the asset's messages due more than the lag before `tick`; how many."""
-        if tick - self.due_tick[local] <= self.lag_ticks:
+        if tick - self.due_tick[local] <= self.lag_ticks or self.done(local):
             return 0
         k, skipped = self.next_k[local], 0
         while k < self.per_asset and tick - self._due_tick(local, k) > self.lag_ticks:

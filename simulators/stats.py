@@ -62,6 +62,9 @@ class PublishStats:
             if reason in SKIP_FAILURES:
                 self.fail(reason, count)
 
+    def fault(self, kind: str) -> None:
+        self.faults[kind] = self.faults.get(kind, 0) + 1
+
     def observe(self, latency_s: float) -> None:
         self.latency_count += 1
         self.latency_sum += latency_s
