@@ -9,7 +9,10 @@ from config.sections import Name, Section
 
 class SparkplugSettings(Section):
     enabled: bool = Field(
-        False, description="Run the Sparkplug B host application on spBv1.0/ topics."
+        False,
+        description="Run the Sparkplug B host application on spBv1.0/ topics. Not available "
+        "yet: the host's decoding and state are built (bridge/sparkplug/), its MQTT session and "
+        "write path are not, so true is refused rather than silently ignored.",
     )
     host_id: Name = Field(
         "iotbridge",
@@ -39,6 +42,16 @@ class SparkplugSettings(Section):
         description="At most one rebirth request per edge node in this interval, however many "
         "gaps or unknown aliases it shows.",
     )
+
+    @field_validator("enabled")
+    @classmethod
+    def _available(cls, enabled: bool) -> bool:
+        if enabled:
+            raise ValueError(
+                "the Sparkplug B host is not wired into the bridge yet: nothing would read "
+                "spBv1.0/ topics; leave it false"
+            )
+        return enabled
 
     @field_validator("groups")
     @classmethod

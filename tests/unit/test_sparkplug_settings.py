@@ -29,13 +29,12 @@ def test_defaults_leave_the_host_off() -> None:
 
 
 def test_the_environment_and_the_file_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("IOTBRIDGE_SPARKPLUG__ENABLED", "true")
     monkeypatch.setenv("IOTBRIDGE_SPARKPLUG__REORDER_TIMEOUT_MS", "750")
     settings = loader.parse(
         "sparkplug:\n  host_id: scada-2\n  groups: [Plant 1, Plant 2]\n"
     ).sparkplug
     assert (settings.enabled, settings.reorder_timeout_ms, settings.host_id) == (
-        True,
+        False,
         750,
         "scada-2",
     )
@@ -62,3 +61,9 @@ def test_bad_values_are_named_by_their_path() -> None:
     }
     assert "without + / or #" in problems["sparkplug.groups"]
     assert "sparkplug.groups" in _problems("sparkplug:\n  groups: []\n")
+
+
+def test_enabling_the_host_before_it_is_wired_is_refused_by_path() -> None:
+    problems = _problems("sparkplug:\n  enabled: true\n")
+    assert set(problems) == {"sparkplug.enabled"}
+    assert "not wired into the bridge yet" in problems["sparkplug.enabled"]
