@@ -16,9 +16,11 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+import numpy as np
+
 from config.settings import DeviationRule
 from workers.anomaly import AnomalyEvent, Event
-from workers.detectors.base import Check, Row
+from workers.detectors.base import Check, Indexed, Matrix, Round, Row, Vector
 from workers.sample import Sample
 
 NAME = "deviation"
@@ -78,3 +80,35 @@ class DeviationCheck(Check):
         alpha = self._alpha
         st[at + 1] = mean + alpha * diff
         st[at + 2] = (1.0 - alpha) * (var + alpha * diff * diff)
+
+    def feed_many(self, st: Matrix, rnd: Round, values: Vector | None, out: Indexed) -> None:
+        # The same expressions as `feed`, in the same order, so the floats are the same.
+        assert values is not None
+        n = st[:, 0]
+        mean = st[:, 1]
+        var = st[:, 2]
+        learning = n < self._warmup
+        # Through `feed`: a sample that opens or ends an anomaly, and a zero std (z is then
+        # infinite or 0, not a quotient).
+        std = np.sqrt(var)
+        std = np.where(std < self._min_std, self._min_std, std)
+        diff = values - mean
+        size = np.abs(diff / std)
+        flagged = np.where(st[:, 3] != 0.0, size <= self._z_clear, size > self._z_max)
+        special = ~learning & (flagged | ~(std > 0.0))
+        scored = ~learning & ~special
+        if learning.any():
+            count = n[learning] + 1.0
+            step = values[learning] - mean[learning]
+            var[learning] = (1.0 - 1.0 / count) * (var[learning] + step * step / count)
+            mean[learning] = mean[learning] + step / count
+            n[learning] = count
+        if scored.any():
+            limit = self._z_max * std[scored]
+            step = diff[scored]
+            step = np.where(step > limit, limit, np.where(step < -limit, -limit, step))
+            alpha = self._alpha
+            var[scored] = (1.0 - alpha) * (var[scored] + alpha * step * step)
+            mean[scored] = mean[scored] + alpha * step
+        if special.any():
+            self.feed_each(st, rnd, values, np.flatnonzero(special).tolist(), out)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
+
 from config.settings import FlatlineRule
 from workers.anomaly import AnomalyEvent, Event
-from workers.detectors.base import NAN, Check, Row
+from workers.detectors.base import NAN, Check, Indexed, Matrix, Round, Row, Vector
 from workers.sample import Sample
 
 NAME = "flatline"
@@ -55,3 +57,23 @@ class FlatlineCheck(Check):
         st[at] = value
         st[at + 1] = 1.0
         st[at + 2] = sample.time_s
+
+    def feed_many(self, st: Matrix, rnd: Round, values: Vector | None, out: Indexed) -> None:
+        assert values is not None
+        now = rnd.time_s
+        same = np.abs(values - st[:, 0]) <= self._epsilon
+        count = st[:, 1] + 1.0
+        opened = st[:, 3] != 0.0
+        due = count >= self._samples
+        if self._duration is not None:
+            due |= now - st[:, 2] >= self._duration
+        # Through `feed`: a run that reaches its bound, and a change that ends an open one.
+        special = np.where(same, ~opened & due, opened)
+        run = same & ~special
+        st[run, 1] = count[run]
+        new = ~same & ~special
+        st[new, 0] = values[new]
+        st[new, 1] = 1.0
+        st[new, 2] = now[new]
+        if special.any():
+            self.feed_each(st, rnd, values, np.flatnonzero(special).tolist(), out)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
+
 from config.settings import RateRule
 from workers.anomaly import AnomalyEvent, Event
-from workers.detectors.base import NAN, Check, Row
+from workers.detectors.base import NAN, Check, Indexed, Matrix, Round, Row, Vector
 from workers.sample import Sample
 
 NAME = "rate"
@@ -49,3 +51,16 @@ class RateCheck(Check):
         elif abs(rate) > self._max:
             st[at + 2] = 1.0
             out.append(self.event(Event.START, sample, value, self._max, rate))
+
+    def feed_many(self, st: Matrix, rnd: Round, values: Vector | None, out: Indexed) -> None:
+        assert values is not None
+        now = rnd.time_s
+        dt = now - st[:, 1]
+        rate = np.abs((values - st[:, 0]) / np.where(dt > self._min_dt, dt, self._min_dt))
+        flagged = np.where(st[:, 2] != 0.0, rate <= self._max, rate > self._max)
+        special = (dt > 0.0) & flagged
+        plain = ~special
+        st[plain, 0] = values[plain]
+        st[plain, 1] = now[plain]
+        if special.any():
+            self.feed_each(st, rnd, values, np.flatnonzero(special).tolist(), out)

@@ -18,12 +18,16 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
+
 from config.settings import SequenceGapRule
 from workers.anomaly import AnomalyEvent, Event
-from workers.detectors.base import NAN, Check, Row
+from workers.detectors.base import NAN, Check, Indexed, Matrix, Round, Row, Vector
 from workers.sample import Sample
 
 NAME = "sequence_gap"
+# Below this a seq and the one after it are both exact as floats.
+_EXACT = float(2**52)
 
 
 class SequenceGapCheck(Check):
@@ -36,6 +40,7 @@ class SequenceGapCheck(Check):
         super().__init__(rule, None)
         self._window = rule.reorder_window
         self._full = (1 << rule.reorder_window) - 1
+        self._full_f = float(self._full)
 
     def feed(self, st: Row, at: int, sample: Sample, value: float, out: list[AnomalyEvent]) -> None:
         seq = sample.seq
@@ -62,6 +67,20 @@ class SequenceGapCheck(Check):
             st[at] = seq
             st[at + 1] = self._full
         self._episode(st, at, sample, lost, out)
+
+    def feed_many(self, st: Matrix, rnd: Round, values: Vector | None, out: Indexed) -> None:
+        # Column-wise only the usual step: the next seq, nothing missing, no episode open; it
+        # moves the highest seq up and leaves the window full. Anything else goes through `feed`.
+        seq = rnd.seq
+        plain = (
+            (seq == st[:, 0] + 1.0)
+            & (st[:, 1] == self._full_f)
+            & (st[:, 2] == 0.0)
+            & (seq < _EXACT)
+        )
+        st[plain, 0] = seq[plain]
+        if not plain.all():
+            self.feed_each(st, rnd, values, np.flatnonzero(~plain).tolist(), out)
 
     def _advance(self, mask: int, shift: int) -> tuple[int, int]:
         """Move the window up by `shift`: (samples declared lost, new mask)."""

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
+
 from config.settings import StalenessRule
 from workers.anomaly import AnomalyEvent, Event
-from workers.detectors.base import NAN, Check, Row, timed_event
+from workers.detectors.base import NAN, Check, Indexed, Matrix, Round, Row, Vector, timed_event
 from workers.sample import Sample
 
 NAME = "staleness"
@@ -45,6 +47,15 @@ class StalenessCheck(Check):
         st[at] = now_ms
         st[at + 1] = float(seq or 0)
         st[at + 2] = sample.time_s
+
+    def feed_many(self, st: Matrix, rnd: Round, values: Vector | None, out: Indexed) -> None:
+        # Only the first sample after a silence raises an event: it goes through `feed`.
+        plain = st[:, 3] == 0.0
+        st[plain, 0] = rnd.id_ms[plain]
+        st[plain, 1] = rnd.id_seq[plain]
+        st[plain, 2] = rnd.time_s[plain]
+        if not plain.all():
+            self.feed_each(st, rnd, values, np.flatnonzero(~plain).tolist(), out)
 
     def sweep(
         self, st: Row, at: int, asset: str, route: str, now_ms: int, out: list[AnomalyEvent]

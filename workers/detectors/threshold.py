@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+import numpy as np
+
 from config.settings import ThresholdRule
 from workers.anomaly import AnomalyEvent, Event
-from workers.detectors.base import NAN, Check, Row
+from workers.detectors.base import NAN, Check, Indexed, Matrix, Round, Row, Vector
 from workers.sample import Sample
 
 NAME = "threshold"
@@ -62,6 +64,24 @@ class ThresholdCheck(Check):
         if back:
             st[at] = NAN
             out.append(self.event(Event.ENDED, sample, value, crossed, value))
+
+    def feed_many(self, st: Matrix, rnd: Round, values: Vector | None, out: Indexed) -> None:
+        # A sample that raises no event changes nothing: only those that do go through `feed`.
+        assert values is not None
+        crossed = st[:, 0]
+        beyond = np.where(
+            values > self._max, self._max, np.where(values < self._min, self._min, NAN)
+        )
+        hit = ~np.isnan(beyond)
+        back = np.where(
+            crossed == self._max,
+            values <= crossed - self._hysteresis,
+            values >= crossed + self._hysteresis,
+        )
+        # NaN (in range until now) compares unequal to any bound: closed and beyond is an event.
+        changed = np.where(hit, beyond != crossed, back)
+        if changed.any():
+            self.feed_each(st, rnd, values, np.flatnonzero(changed).tolist(), out)
 
     def is_open(self, st: Row, at: int) -> bool:
         return st[at] == st[at]  # not NaN
