@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from bridge.record import entry_key, entry_ms
 from config.errors import PayloadRejected
 from workers.anomaly import AnomalyEvent
+from workers.detectors.base import SampleFailed
 from workers.outputs import Outputs
-from workers.sample import decode_entry
+from workers.sample import Fields, Sample, as_mapping, decode_entry
 from workers.state import Shard, ShardState
 from workers.streams import Entry
 
@@ -97,7 +98,7 @@ def _run(
     )
     # Only a redelivery or a batch run again after a failure can meet a failed entry.
     settle = counts is not None or bool(failed)
-    processed = 0
+    samples: list[Sample] = []
     for entry_id, fields in entries:
         if floor is not None and entry_key(entry_id) <= floor:
             acks.append(entry_id)
@@ -113,13 +114,15 @@ def _run(
             _dead_letter(outputs, shard, entry_id, fields, MALFORMED, exc.detail, deliveries)
             acks.append(entry_id)
             continue
-        try:
-            state.feed(sample, events)
-        except Exception as exc:
-            raise _EntryFailed((shard.stream, entry_id), f"{type(exc).__name__}: {exc}") from exc
+        samples.append(sample)
+        # Acked only if the whole batch goes through: a failure runs it again without the entry.
         acks.append(entry_id)
-        processed += 1
-    outputs.processed[shard.route] += processed
+    try:
+        state.feed_batch(samples, events)
+    except SampleFailed as failure:
+        key = (shard.stream, failure.sample.entry_id)
+        raise _EntryFailed(key, str(failure)) from failure.error
+    outputs.processed[shard.route] += len(samples)
     outputs.events.extend((shard, event) for event in events)
     last_id, watermark = state.last_id, state.watermark_ms
     if entries and entry_key(entries[-1][0]) > entry_key(last_id):
@@ -130,7 +133,7 @@ def _run(
 
 
 def _settled(
-    result: Result, shard: Shard, entry_id: str, fields: Mapping[str, str] | None,
+    result: Result, shard: Shard, entry_id: str, fields: Fields | None,
     deliveries: int, failed: Mapping[tuple[str, str], str], errors: Mapping[tuple[str, str], str],
     max_deliveries: int,
 ) -> bool:  # fmt: skip
@@ -169,7 +172,7 @@ def sweep(clocks: Sequence[tuple[ShardState, int]]) -> tuple[Outputs, list[Shard
 
 
 def _dead_letter(
-    outputs: Outputs, shard: Shard, entry_id: str, fields: Mapping[str, str] | None, reason: str,
+    outputs: Outputs, shard: Shard, entry_id: str, fields: Fields | None, reason: str,
     error: str, deliveries: int,
 ) -> None:  # fmt: skip
     letter = {
@@ -178,6 +181,8 @@ def _dead_letter(
         "reason": reason,
         "error": error,
         "deliveries": str(deliveries),
-        "entry": json.dumps(dict(fields or {}), separators=(",", ":"))[:_MAX_ENTRY_TEXT],
+        "entry": json.dumps(dict(as_mapping(fields or {})), separators=(",", ":"))[
+            :_MAX_ENTRY_TEXT
+        ],
     }
     outputs.dead_letters.append((shard, reason, letter))

@@ -8,15 +8,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+from hiredis import pack_command
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.typing import KeyT, StreamIdT
 
 from config.errors import DependencyUnavailable
+from workers.sample import Fields
 
 # XREADGROUP id: entries never delivered to the group.
 NEW = ">"
@@ -27,8 +28,9 @@ SCAN_START = "0-0"
 # or a replica after a failover (READONLY): all pass with time, so all are retried.
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
 
-# (entry id, fields); fields are None for a pending entry that was trimmed or deleted.
-Entry = tuple[str, dict[str, str] | None]
+# (entry id, fields); fields are None for a pending entry that was trimmed or deleted. New entries
+# come as the flat list Redis answers (`read_new`), claimed ones as a dict.
+Entry = tuple[str, Fields | None]
 
 
 def error_code(exc: ResponseError) -> str:
@@ -74,9 +76,33 @@ async def read_new(
     block_ms: int | None,
 ) -> dict[str, list[Entry]]:  # fmt: skip
     """Entries never delivered to the group, up to `count` per stream, waiting up to `block_ms`
-    (None: not at all)."""
-    ids: dict[KeyT, StreamIdT] = dict.fromkeys(streams, NEW)
-    return grouped(await client.xreadgroup(group, consumer, ids, count=count, block=block_ms))
+    (None: not at all). Their fields are the flat `[name, value, ...]` lists of the reply: sent
+    and read on a pooled connection as they are, without redis-py's reply parsing, which builds
+    a dict of every entry (measured: a tenth of the worker's time on the bench)."""
+    args = ["XREADGROUP", "GROUP", group, consumer, "COUNT", str(count)]
+    if block_ms is not None:
+        args += ["BLOCK", str(block_ms)]
+    args += ["STREAMS", *streams, *([NEW] * len(streams))]
+    return grouped(await _raw(client, args))
+
+
+async def _raw(client: Redis, args: list[str]) -> Any:
+    """One command's reply as hiredis parsed it (with the client's decoding)."""
+    pool = client.connection_pool
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+    try:
+        # hiredis' stub types the argument as a 1-tuple; it takes a tuple of any length.
+        await conn.send_packed_command(
+            cast("bytes", pack_command(tuple(args))),  # type: ignore[arg-type]
+            check_health=False,
+        )
+        return await conn.read_response()
+    except BaseException:
+        # A cancelled or failed read leaves its reply unread: never reuse the connection.
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)
 
 
 @dataclass
