@@ -185,8 +185,15 @@ class Connection:
         if buffered is None:
             client.loop_read()
             return
-        buffered.fill()
-        # Whole PUBACKs are taken here; paho reads any other packet, or the end of the stream.
+        if buffered.fill():
+            self._take(client, buffered)
+            if self.pending and client.socket() is not None:
+                buffered.quickack()  # PUBACKs still owed: see BufferedSocket.quickack
+        elif buffered.eof:
+            self._take(client, buffered)
+
+    def _take(self, client: mqtt.Client, buffered: BufferedSocket) -> None:
+        """Whole PUBACKs are taken here; paho reads any other packet, or the end of the stream."""
         while client.socket() is not None:
             if client._in_packet["command"] == 0 and self.up:
                 try:

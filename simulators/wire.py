@@ -103,14 +103,17 @@ class BufferedSocket:
         if not data:
             self.eof = True
             return False
-        if self._quickack:
-            # Mosquitto leaves Nagle on (set_tcp_nodelay false): its next PUBACK waits for our
-            # TCP ack, which Linux delays up to 40 ms. Quick-ack mode lapses, so it is re-armed
-            # after every read: one system call per read, not per message.
-            self.sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)  # type: ignore[arg-type]
         self._in = self._in[self._pos :] + data if self._pos < len(self._in) else data
         self._pos = 0
         return True
+
+    def quickack(self) -> None:
+        """Acknowledge what the broker sends at once, for a while. Mosquitto leaves Nagle on
+        (set_tcp_nodelay false): its next PUBACK waits for our TCP ack, which Linux delays up to
+        40 ms. Quick-ack mode lapses, so it is re-armed after a read that leaves PUBACKs owed
+        (one system call per such read; none when every publish is acknowledged)."""
+        if self._quickack:
+            self.sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)  # type: ignore[arg-type]
 
     def recv(self, size: int) -> bytes:
         if self._pos >= len(self._in):
