@@ -128,6 +128,12 @@ class Engine:
             else:
                 self.stats.skip("stopped", self.schedule.unsent())
             self._drain()
+        except Exception:
+            # Said, and counted: what was not sent is skipped for `error`, a failure the report
+            # and the exit code show, so sent + skipped = scheduled still holds.
+            log.exception("simulator engine failed", extra={"shard": self.spec.shard})
+            self.stats.skip("error", self.schedule.unsent())
+            raise
         finally:
             for conn in self.conns:
                 self.outbox.give_up(conn, "stopped")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
+import struct
 from dataclasses import dataclass
 
 
@@ -49,9 +51,14 @@ class FaultProxy:
             await self._server.wait_closed()
 
     def reset_all(self) -> None:
-        """Drop every proxied connection (both sides see a reset/EOF)."""
+        """Drop every proxied connection with a TCP reset (RST, as a crashed peer or a firewall
+        sends): both sides see ECONNRESET, not an orderly end of stream."""
         for writer in list(self._writers):
             with contextlib.suppress(Exception):
+                sock = writer.transport.get_extra_info("socket")
+                if sock is not None:
+                    # Linger on, timeout 0: close() discards what is unsent and sends RST.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 writer.transport.abort()
         self._writers.clear()
 
