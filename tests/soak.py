@@ -479,8 +479,9 @@ class Soak:
             self.simulator.wait()
         text = (self.workdir / "simulator.json").read_text().strip()
         report = json.loads(text.splitlines()[-1]) if text else {}
-        keep = ("scheduled", "sent", "acked", "failed", "failed_by_kind", "target_rate",
-                "achieved_rate_msgs_per_s", "elapsed_s", "publish_ack_latency_s")  # fmt: skip
+        keep = ("scheduled", "sent", "acked", "failed", "failed_by_kind", "skipped_by_reason",
+                "unconfirmed", "target_rate", "achieved_rate_msgs_per_s", "elapsed_s",
+                "publish_ack_latency_s")  # fmt: skip
         self.report.publisher = {k: report.get(k) for k in keep}
 
     def drain(self) -> None:
@@ -562,7 +563,9 @@ class Soak:
         acked, target = int(r.publisher.get("acked") or 0), int(self.rate * self.duration_s)
         claims.append(Claim("load", acked >= LOAD_HELD * target,
                             f"{acked} acknowledged of {target} scheduled at {self.rate:.0f} msg/s "
-                            f"(achieved {r.publisher.get('achieved_rate_msgs_per_s')} msg/s)"))  # fmt: skip
+                            f"(achieved {r.publisher.get('achieved_rate_msgs_per_s')} msg/s; "
+                            f"sent {r.publisher.get('sent')}, skipped {r.publisher.get('skipped_by_reason')}, "
+                            f"failed {r.publisher.get('failed_by_kind')})"))  # fmt: skip
         for name in ("bridge-2", "worker"):
             rss = r.rss.get(name)
             claims.append(Claim(f"rss drift {name}", rss is not None and rss["drift"] < RSS_DRIFT_MAX,
