@@ -100,9 +100,10 @@ class BufferedSocket:
             data = self.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return False
-        except ConnectionError:
-            # A reset (a broker killed or restarted with our bytes unread) ends the stream as a
-            # close does: paho reads the end, reports the connection lost, and it is reopened.
+        except OSError:
+            # A reset (a broker killed or restarted with our bytes unread), or any other socket
+            # error, ends the stream as a close does: paho reads the end, reports the connection
+            # lost, and it is reopened.
             data = b""
         if not data:
             self.eof = True
