@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: bench/ and tests/ import as packages
 
-from bench.procs import free_port, services  # noqa: E402
+from bench.procs import cpu_seconds, free_port, services  # noqa: E402
 from bench.publisher import WINDOW, RawClient  # noqa: E402
 
 SHIPPED = ROOT / "broker" / "mosquitto.conf"
@@ -93,38 +93,15 @@ def conf_for(variant: str, workdir: Path, port: int, overrides: dict[str, str]) 
     return path
 
 
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def session_sub(port: int, *extra: str) -> list[str]:
+    """`mosquitto_sub` as the bridge's session: MQTT 5, QoS 1, clean start off, a day's expiry."""
+    return ["mosquitto_sub", "-p", str(port), "-h", "127.0.0.1", "-V", "mqttv5", "-q", "1",
+            "-c", "-x", "86400", "-i", SESSION, "-t", FILTER, *extra]  # fmt: skip
 
 
 def create_session(port: int) -> None:
     """The bridge's persistent session and subscription, then away (as a stopped bridge)."""
-    sub = subprocess.run(
-        [
-            "mosquitto_sub",
-            "-p",
-            str(port),
-            "-h",
-            "127.0.0.1",
-            "-V",
-            "mqttv5",
-            "-q",
-            "1",
-            "-c",
-            "-x",
-            "86400",
-            "-i",
-            SESSION,
-            "-t",
-            FILTER,
-            "-W",
-            "1",
-        ],
-        capture_output=True,
-        timeout=10,
-        check=False,
-    )
+    sub = subprocess.run(session_sub(port, "-W", "1"), capture_output=True, timeout=10, check=False)
     # -W 1: it subscribes, waits a second for nothing, and exits with 27 (timed out): expected.
     if sub.returncode not in (0, 27):
         raise SystemExit(f"could not create the session: {sub.stderr.decode()}")
@@ -168,14 +145,14 @@ def measure(variant: str, backlog: int, workdir: Path, args: argparse.Namespace)
         publish(client, backlog, time.monotonic() + args.fill_limit_s)
         level.filled = client.acked
         if level.reached:
-            saves0, cpu0, acked0 = saves(log), cpu_s(broker.pid), client.acked
+            saves0, cpu0, acked0 = saves(log), cpu_seconds(broker.pid), client.acked
             started = time.monotonic()
             publish(client, 10**9, started + args.hold_s)
             level.seconds = time.monotonic() - started
             done = client.acked - acked0
             level.rate = done / level.seconds
             level.saves = saves(log) - saves0
-            level.broker_cpu_us = (cpu_s(broker.pid) - cpu0) / max(done, 1) * 1e6
+            level.broker_cpu_us = (cpu_seconds(broker.pid) - cpu0) / max(done, 1) * 1e6
         client.close()
         if sub is not None:
             sub.send_signal(signal.SIGTERM)
@@ -191,28 +168,7 @@ def drainer(port: int, log: Path) -> subprocess.Popen[bytes]:
     """The session's C subscriber, connected and draining: a backlog of 0."""
     connects = _connects(log)
     sub = subprocess.Popen(
-        [
-            "mosquitto_sub",
-            "-p",
-            str(port),
-            "-h",
-            "127.0.0.1",
-            "-V",
-            "mqttv5",
-            "-q",
-            "1",
-            "-c",
-            "-x",
-            "86400",
-            "-i",
-            SESSION,
-            "-t",
-            FILTER,
-            "-F",
-            "%m",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        session_sub(port, "-F", "%m"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     services.wait_until(lambda: _connects(log) > connects, 10, "the C subscriber")
     return sub
