@@ -26,7 +26,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 _EVICTING = {"allkeys-lru", "allkeys-lfu", "allkeys-random"}
 
 # ARGV per entry: stream key index, dedup key index (0: none), asset, seq, ts, field count, fields.
-# Numbers are formatted with %.17g / %.0f: Lua's default tostring would print 1e+15 for big seqs.
+# seq and ts are stored back as the text they came in: Lua's tostring would print 1e+15 for big seqs.
 _APPEND_SCRIPT = """
 local W = 1024
 local EMPTY = string.rep('\\0', W / 8)
@@ -78,28 +78,34 @@ local out = {}
 local i = 1
 while i <= #ARGV do
   local stream, dedup = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
-  local asset, seq, ts = ARGV[i + 2], tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
   local first = i + 6
   local last = first + tonumber(ARGV[i + 5]) - 1
-  i = last + 1
   local flag = 1
   if dedup > 0 then
-    local hw, hwts, ring = seq, ts, EMPTY
+    -- The high-water mark is kept as the text it arrived in (seq as %d, ts as Python's repr:
+    -- both read back exactly by tonumber), so the state is written back by one concatenation,
+    -- the ring's new byte included: string.format and a separate setbit string cost 0.5-2 us/msg
+    -- of Redis's CPU (measured on 500-entry batches over 1,000 assets).
+    local asset, seqs, tss = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    local seq, ts = tonumber(seqs), tonumber(tss)
+    local hws, hwtss, ring = seqs, tss, EMPTY
     local state = redis.call('HGET', KEYS[dedup], asset)
     if state then
-      local cut = string.find(state, '\\n', 1, true)
-      local a, b = string.match(string.sub(state, 1, cut - 1), '^(%S+) (%S+)$')
-      hw, hwts, ring = tonumber(a), tonumber(b), string.sub(state, cut + 1)
+      local space = string.find(state, ' ', 1, true)
+      local cut = string.find(state, '\\n', space, true)
+      hws, hwtss = string.sub(state, 1, space - 1), string.sub(state, space + 1, cut - 1)
+      ring = string.sub(state, cut + 1)
+      local hw, hwts = tonumber(hws), tonumber(hwtss)
       if seq > hw then
         if seq - hw >= W then
           ring = EMPTY
-        else
+        elseif seq - hw > 1 then
           ring = clear(ring, hw + 1, seq - hw - 1)
         end
-        hw = seq
-        if ts > hwts then hwts = ts end
+        hws = seqs
+        if ts > hwts then hwtss = tss end
       elseif ts > hwts then
-        hw, hwts, ring = seq, ts, EMPTY
+        hws, hwtss, ring = seqs, tss, EMPTY
       elseif hw - seq >= W then
         flag = 2
       elseif getbit(ring, seq % W) then
@@ -107,14 +113,18 @@ while i <= #ARGV do
       end
     end
     if flag == 1 then
-      ring = setbit(ring, seq % W, true)
-      redis.call('HSET', KEYS[dedup], asset, string.format('%.0f %.17g', hw, hwts) .. '\\n' .. ring)
+      local p = seq % W
+      local at = math.floor(p / 8) + 1
+      local byte = bit.bor(string.byte(ring, at), bit.lshift(1, p % 8))
+      redis.call('HSET', KEYS[dedup], asset, hws .. ' ' .. hwtss .. '\\n' ..
+        string.sub(ring, 1, at - 1) .. string.char(byte) .. string.sub(ring, at + 1))
     end
   end
   if flag > 0 then
     redis.call('XADD', KEYS[stream], '*', unpack(ARGV, first, last))
   end
   out[#out + 1] = flag
+  i = last + 1
 end
 return out
 """
@@ -128,11 +138,21 @@ class Dedup:
     asset: str
     seq: int
     ts: float
+    # asset, seq and ts as the script's three RESP arguments, when the intake has them packed
+    # already (empty: packed by the sink).
+    packed: bytes = field(default=b"", compare=False, repr=False)
 
 
 def bulk(value: bytes) -> bytes:
     """One RESP bulk string."""
     return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
+def dedup_args(asset: bytes, seq: int, ts: float) -> bytes:
+    """An entry's asset, seq and ts as the script reads them (and stores seq and ts back)."""
+    seq_text, ts_text = b"%d" % seq, repr(ts).encode()
+    return b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
+        len(asset), asset, len(seq_text), seq_text, len(ts_text), ts_text)  # fmt: skip
 
 
 def pack_fields(fields: Sequence[bytes | str]) -> bytes:
@@ -227,14 +247,14 @@ class RedisSink:
         index = self._index
         for a in appends:
             d = a.dedup
-            if d is None:
-                parts.append(index[a.stream] + _NO_DEDUP)
-            else:
-                asset, seq, ts = d.asset.encode(), b"%d" % d.seq, repr(d.ts).encode()
-                parts.append(b"%b%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n" % (
-                    index[a.stream], index[d.key], len(asset), asset, len(seq), seq, len(ts), ts))  # fmt: skip
             count = b"%d" % a.count
-            parts.append(b"$%d\r\n%b\r\n%b" % (len(count), count, a.packed))
+            if d is None:
+                head = index[a.stream] + _NO_DEDUP
+            elif d.packed:
+                head = index[a.stream] + index[d.key] + d.packed
+            else:
+                head = index[a.stream] + index[d.key] + dedup_args(d.asset.encode(), d.seq, d.ts)
+            parts.append(b"%b$%d\r\n%b\r\n%b" % (head, len(count), count, a.packed))
             args += 6 + a.count
         return b"*%d\r\n" % args + self._head + b"".join(parts)
 

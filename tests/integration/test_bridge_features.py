@@ -137,6 +137,32 @@ async def test_seq_gaps_clear_the_ring_exactly_and_pipelined_writes_answer_in_or
     assert db.xlen(keys.telemetry("r")) == 12
 
 
+async def test_dedup_state_stored_as_numbers_by_earlier_versions_is_read_the_same(
+    redis_url: str, unique: str
+) -> None:
+    """The script writes seq and ts back as the text they arrived in; a state an earlier bridge
+    wrote with %.0f / %.17g (and a ts whose repr has an exponent) reads the same."""
+    keys = Keys(unique)
+    sink = RedisSink(RedisSettings(url=redis_url), [keys.telemetry("r"), keys.dedup("r")])
+    db = redis.Redis.from_url(redis_url)
+    ring = bytearray(128)
+    for seq in (97, 99, 100):
+        ring[seq % 1024 // 8] |= 1 << (seq % 8)
+    db.hset(keys.dedup("r"), "a1", b"100 1767225600.2500000\n" + bytes(ring))
+
+    def batch(seqs: list[int], ts: float) -> list[Append]:
+        return [Append.of(keys.telemetry("r"), ["seq", str(s)], Dedup(keys.dedup("r"), "a1", s, ts))
+                for s in seqs]  # fmt: skip
+
+    old, _ = await sink.write(batch([100, 99, 98, 101], 1767225600.25))
+    again, _ = await sink.write(batch([101, 98], 1767225600.25))
+    restart, _ = await sink.write(batch([0], 1e16))  # seq back to 0, newer device time
+    after, _ = await sink.write(batch([0, 1], 1e16))
+    await sink.close()
+    assert (old, again, restart, after) == ([0, 0, 1, 1], [0, 0], [1], [0, 1])
+    assert db.hget(keys.dedup("r"), "a1").split(b"\n")[0] == b"1 1e+16"
+
+
 async def test_an_asset_split_between_two_bridges_loses_nothing_even_far_out_of_order(
     redis_url: str, unique: str
 ) -> None:
