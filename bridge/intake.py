@@ -12,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 
-from bridge.contracts import Sample, build_contracts
+from bridge.contracts import Contract, Sample, build_contracts
 from bridge.record import Reason, text_field, value_field
 from bridge.routing import RouteTable
 from bridge.sink import Append, Dedup, bulk
@@ -34,6 +34,21 @@ class Pending:
     device_ts: float | None = None  # the payload's ts, for the publish-to-write latency
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """What a topic's messages share, worked out once per topic: the route, the contract and
+    asset they are checked against, and the packed fields, stream and dedup key of an entry."""
+
+    route: str
+    contract: Contract
+    asset: str
+    static: bytes  # asset, topic, route and the other named levels, packed
+    count: int  # bulk strings in an entry without its values
+    stream: str
+    dedup_key: str | None
+    asset_bulk: bytes
+
+
 @lru_cache(maxsize=4096)
 def _bulk_name(field: str) -> bytes:
     """Field names recur in every entry: pack each once."""
@@ -47,6 +62,12 @@ def _value_name(name: str) -> bytes:
 
 
 _RETAINED = bulk(b"retained") + bulk(b"1")
+
+# Readings as their repr: a float's repr costs 0.2-0.4 us, and sensor readings recur (a quantised
+# signal, a few decimals), so each text is made once. Bounded: past the bound a reading not yet
+# seen is formatted each time, as before; values that never recur cost one dict miss.
+_READING_TEXTS: dict[float, bytes] = {}
+_READING_TEXTS_MAX = 65_536
 
 
 class TokenBuckets:
@@ -91,9 +112,12 @@ class Intake:
             r.name: bulk(b"route") + bulk(r.name.encode()) for r in self.routes.routes
         }
         self._buckets = TokenBuckets(settings.rate_limit)
+        self._contracts = build_contracts(settings.contracts)
         # Bounded like the route table's topic cache: one entry per topic seen.
         self._target = lru_cache(maxsize=200_000)(self._target_uncached)
-        self._contracts = build_contracts(settings.contracts)
+        self._skip_retained = settings.retained == "skip"
+        self._rx_wall = -1.0  # the receive time whose `rx` field is packed in _rx_field
+        self._rx_field = b""
 
     @property
     def route_names(self) -> list[str]:
@@ -108,24 +132,21 @@ class Intake:
 
     def classify(self, inbound: Inbound) -> Pending:
         topic = inbound.topic
-        if topic is None or (matched := self.routes.match(topic)) is None:
+        if topic is None or (target := self._target(topic)) is None:
             detail = "no route matches the topic" if topic is not None else "not UTF-8"
             return self.dead_letter(inbound, UNROUTED, Reason.TOPIC, detail)
-        route, levels = matched
-        if inbound.retain and self._settings.retained == "skip":
-            return Pending(inbound, route.name, None, None)
+        if inbound.retain and self._skip_retained:
+            return Pending(inbound, target.route, None, None)
         try:
-            sample = self._contracts[route.settings.contract].validate(
-                inbound.payload,
-                levels[route.settings.asset_level],
-                self._settings.max_payload_bytes,
+            sample = target.contract.validate(
+                inbound.payload, target.asset, self._settings.max_payload_bytes
             )
             self._check_clock(sample, inbound.received_wall)
-            self._check_rate(route.name, sample.asset, inbound.received)
+            self._check_rate(target.route, sample.asset, inbound.received)
         except PayloadRejected as exc:
-            return self.dead_letter(inbound, route.name, Reason(exc.reason), exc.detail)
-        append = self._telemetry(inbound, topic, sample)
-        return Pending(inbound, route.name, append, None, sample.ts)
+            return self.dead_letter(inbound, target.route, Reason(exc.reason), exc.detail)
+        append = self._telemetry(inbound, target, sample)
+        return Pending(inbound, target.route, append, None, sample.ts)
 
     def _check_rate(self, route: str, asset: str, now: float) -> None:
         if not self._buckets.allow(route, asset, now):
@@ -143,31 +164,45 @@ class Intake:
                 Reason.CLOCK, f"ts {sample.ts:.3f} is {sample.ts - now:.0f} s in the future"
             )
 
-    def _telemetry(self, inbound: Inbound, topic: str, sample: Sample) -> Append:
+    def _telemetry(self, inbound: Inbound, target: _Target, sample: Sample) -> Append:
         # RESP, built once here: the sink sends these bytes as they are. What depends only on
-        # the topic (asset, topic, route, levels, stream, dedup key) is packed once per topic.
-        static, count, stream, dedup_key = self._target(topic)
-        seq, ts, rx = b"%d" % sample.seq, repr(sample.ts).encode(), repr(inbound.received_wall).encode()  # fmt: skip
-        parts = [static, b"$3\r\nseq\r\n$%d\r\n%b\r\n$2\r\nts\r\n$%d\r\n%b\r\n$2\r\nrx\r\n$%d\r\n%b\r\n"
-                 % (len(seq), seq, len(ts), ts, len(rx), rx)]  # fmt: skip
+        # the topic (asset, topic, route, levels, stream, dedup key) is packed once per topic,
+        # and seq and ts once per message, for the entry and for the dedup script alike.
+        count = target.count
+        if inbound.received_wall != self._rx_wall:
+            # The messages of one read share their receive time: its repr (0.4 us) is made once.
+            self._rx_wall = inbound.received_wall
+            rx = repr(self._rx_wall).encode()
+            self._rx_field = b"$2\r\nrx\r\n$%d\r\n%b\r\n" % (len(rx), rx)
+        seq, ts = b"%d" % sample.seq, repr(sample.ts).encode()
+        seq, ts = b"$%d\r\n%b\r\n" % (len(seq), seq), b"$%d\r\n%b\r\n" % (len(ts), ts)
+        parts = [b"%b$3\r\nseq\r\n%b$2\r\nts\r\n%b%b" % (target.static, seq, ts, self._rx_field)]
         if inbound.retain:
             parts.append(_RETAINED)
             count += 2
+        texts = _READING_TEXTS
         for name, reading in sample.values.items():
-            text = repr(reading).encode()
+            text = texts.get(reading)
+            if text is None:
+                text = repr(reading).encode()
+                # Not 0.0: -0.0 is equal to it and would read back as "0.0".
+                if reading and len(texts) < _READING_TEXTS_MAX:
+                    texts[reading] = text
             parts.append(b"%b$%d\r\n%b\r\n" % (_value_name(name), len(text), text))
         for name, text_value in sample.texts.items():
             parts += [_bulk_name(text_field(name)), bulk(text_value.encode())]
         count += 2 * (len(sample.values) + len(sample.texts))
         dedup = None
-        if dedup_key is not None:
-            dedup = Dedup(dedup_key, sample.asset, sample.seq, sample.ts)
-        return Append(stream, count, b"".join(parts), dedup)
+        if target.dedup_key is not None:
+            dedup = Dedup(target.dedup_key, sample.asset, sample.seq, sample.ts,
+                          target.asset_bulk + seq + ts)  # fmt: skip
+        return Append(target.stream, count, b"".join(parts), dedup)
 
-    def _target_uncached(self, topic: str) -> tuple[bytes, int, str, str | None]:
-        """Per topic: the packed fields that never change, their count, stream and dedup key."""
+    def _target_uncached(self, topic: str) -> _Target | None:
+        """What a topic's messages share; None when no route matches it."""
         matched = self.routes.match(topic)
-        assert matched is not None  # classify matched this topic already
+        if matched is None:
+            return None
         route, levels = matched
         asset = levels[route.settings.asset_level]
         parts = [
@@ -181,7 +216,10 @@ class Intake:
                 count += 2
         shard = shard_of(asset, self._shards)
         dedup = self._dedup_keys[route.name][shard] if self._settings.dedup else None
-        return b"".join(parts), count, self._streams[route.name][shard], dedup
+        stream = self._streams[route.name][shard]
+        contract = self._contracts[route.settings.contract]
+        return _Target(route.name, contract, asset, b"".join(parts), count, stream, dedup,
+                       bulk(asset.encode()))  # fmt: skip
 
     def dead_letter(self, inbound: Inbound, route: str, reason: Reason, detail: str) -> Pending:
         cap = self._settings.dlq_payload_bytes

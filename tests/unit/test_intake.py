@@ -4,8 +4,10 @@ are, so their packed fields must agree with their field count)."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from bridge.intake import Intake
+from bridge.sink import RedisSink, dedup_args
 from bridge.source import Inbound
 from config.keys import Keys
 from config.settings import Settings
@@ -48,3 +50,29 @@ def test_a_dead_letter_counts_its_fields_too() -> None:
     intake = Intake(Settings().bridge, Keys("t"))
     fields = _fields(intake, _inbound(b'{"ts": 1, "seq": "x"}'))
     assert fields[b"reason"] == b"schema"
+
+
+def test_the_dedup_arguments_packed_by_the_intake_are_the_sinks() -> None:
+    """The intake packs asset, seq and ts once, for the entry and the dedup script alike: the
+    script gets the same arguments as from a Dedup the sink packs itself (one from the spool)."""
+    intake = Intake(Settings().bridge, Keys("t"))
+    ts = time.time()
+    pending = intake.classify(_inbound(b'{"ts": %r, "seq": 12345678901, "values": {"t": 1}}' % ts))
+    assert pending.append is not None
+    assert pending.append.dedup is not None
+    dedup = pending.append.dedup
+    assert dedup.packed == dedup_args(b"a1", 12345678901, ts)
+    sink = RedisSink(Settings().redis, intake.write_keys)
+    unpacked = replace(pending.append, dedup=replace(dedup, packed=b""))
+    assert sink.pack([pending.append]) == sink.pack([unpacked])
+
+
+def test_readings_are_stored_as_their_repr_the_second_time_too() -> None:
+    """Reading texts are made once per value: what is stored is still repr(float(reading)), and
+    -0.0 (equal to 0.0) keeps its sign."""
+    intake = Intake(Settings().bridge, Keys("t"))
+    payload = b'{"ts": %d, "seq": 7, "values": {"a": -0.0, "b": 0.0, "c": 1e16, "d": 0.10, "e": 3}}'
+    for order in (payload, payload.replace(b'"a": -0.0, "b": 0.0', b'"b": 0.0, "a": -0.0')):
+        fields = _fields(intake, _inbound(order % time.time()))
+        assert [fields[b"v." + name] for name in (b"a", b"b", b"c", b"d", b"e")] == [
+            b"-0.0", b"0.0", b"1e+16", b"0.1", b"3.0"]  # fmt: skip
