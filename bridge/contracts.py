@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import (
     AwareDatetime,
@@ -25,10 +25,13 @@ from pydantic import (
     StrictBool,
     StrictInt,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
     create_model,
     model_validator,
+    with_config,
 )
+from typing_extensions import TypedDict
 
 from bridge.record import Reason
 from config.errors import PayloadRejected
@@ -70,6 +73,17 @@ class _Envelope(BaseModel):
 class TelemetryPayload(_Envelope):
     """The built-in contract."""
 
+    values: Annotated[dict[ValueName, Finite], Field(min_length=1, max_length=MAX_VALUES)]
+
+
+@with_config(ConfigDict(extra="forbid", allow_inf_nan=False))
+class _TelemetryFields(TypedDict):
+    """The built-in contract's fields, as `TelemetryPayload` declares them, validated into a
+    plain dict: no model instance per message (0.74 against 1.08 us, measured)."""
+
+    ts: Annotated[Finite, Field(gt=0)] | Annotated[AwareDatetime, Strict()]
+    seq: Annotated[StrictInt, Field(ge=0, le=MAX_EXACT_INT)]
+    asset: NotRequired[Annotated[str, StringConstraints(pattern=NAME_PATTERN)] | None]
     values: Annotated[dict[ValueName, Finite], Field(min_length=1, max_length=MAX_VALUES)]
 
 
@@ -170,13 +184,16 @@ class Contract:
 
     def __init__(self, model: type[_Envelope]) -> None:
         self._model = model
+        # The model's validator called directly: model_validate_json adds 0.4-0.5 us per call of
+        # Python around it (1.5 against 1.1 us for a two-value telemetry payload, measured).
+        self._validate_json = model.__pydantic_validator__.validate_json
 
     def validate(self, payload: bytes, topic_asset: str, max_bytes: int) -> Sample:
         """Check size, JSON, schema and identity; raise PayloadRejected with the reason."""
         if len(payload) > max_bytes:
             raise PayloadRejected(Reason.SIZE, f"{len(payload)} bytes > limit {max_bytes}")
         try:
-            model = self._model.model_validate_json(payload)
+            model: _Envelope = self._validate_json(payload)
         except ValidationError as exc:
             raise PayloadRejected(_reason_of(exc), _summary(exc)) from None
         if model.asset is not None and model.asset != topic_asset:
@@ -191,7 +208,31 @@ class Contract:
         return Sample(topic_asset, model.seq, model.epoch, numbers, texts)
 
 
-TELEMETRY = Contract(TelemetryPayload)
+class _Telemetry(Contract):
+    """The built-in contract, checked with the same rules as `TelemetryPayload`."""
+
+    def __init__(self) -> None:
+        super().__init__(TelemetryPayload)
+        self._validate_fields = TypeAdapter(_TelemetryFields).validator.validate_json
+
+    def validate(self, payload: bytes, topic_asset: str, max_bytes: int) -> Sample:
+        if len(payload) > max_bytes:
+            raise PayloadRejected(Reason.SIZE, f"{len(payload)} bytes > limit {max_bytes}")
+        try:
+            fields: _TelemetryFields = self._validate_fields(payload)
+        except ValidationError as exc:
+            raise PayloadRejected(_reason_of(exc), _summary(exc)) from None
+        asset = fields.get("asset")
+        if asset is not None and asset != topic_asset:
+            raise PayloadRejected(
+                Reason.IDENTITY, f"payload asset {asset!r} != topic asset {topic_asset!r}"
+            )
+        ts = fields["ts"]
+        epoch = ts.timestamp() if isinstance(ts, datetime) else ts
+        return Sample(topic_asset, fields["seq"], epoch, fields["values"], {})
+
+
+TELEMETRY: Contract = _Telemetry()
 
 
 def build_contracts(declared: dict[str, ContractSettings]) -> dict[str, Contract]:

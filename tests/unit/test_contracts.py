@@ -7,7 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.contracts import build_contracts, validate_telemetry
+from bridge.contracts import (
+    TELEMETRY,
+    Contract,
+    TelemetryPayload,
+    build_contracts,
+    validate_telemetry,
+)
 from config.errors import PayloadRejected
 from config.settings import ContractSettings
 
@@ -154,3 +160,38 @@ def test_undeclared_values_can_be_allowed_as_finite_numbers() -> None:
 def test_an_integer_field_with_a_fractional_bound_is_a_config_error() -> None:
     with pytest.raises(ValueError, match="whole numbers"):
         ContractSettings.model_validate({"values": {"n": {"type": "integer", "min": 0.5}}})
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "ts": st.floats() | st.integers() | st.sampled_from(["2026-01-01T00:00:00Z", "x"]),
+            "seq": st.integers(min_value=-2, max_value=2**54) | st.floats(),
+            "asset": st.sampled_from(["a1", "a2", "bad name"]) | st.none(),
+            "values": st.dictionaries(st.sampled_from(["t", "rpm", "bad name"]), _json_values),
+            "extra": _json_values,
+        },
+    )
+)
+def test_the_built_in_contract_decides_as_its_model(body: dict[str, object]) -> None:
+    """The built-in contract validates into a plain dict, not a TelemetryPayload: the same outcome,
+    reason and detail for any payload."""
+
+    def outcome(contract: Contract) -> tuple[object, ...]:
+        try:
+            sample = contract.validate(json.dumps(body).encode(), "a1", 65536)
+        except PayloadRejected as exc:
+            return exc.reason, exc.detail
+        return sample.asset, sample.seq, sample.ts, sample.values, sample.texts
+
+    assert outcome(TELEMETRY) == outcome(Contract(TelemetryPayload))
