@@ -8,12 +8,15 @@ Three measured costs of paho's receive path are removed here, through its intern
 - for each QoS 0/1 PUBLISH paho builds an MQTTMessage, an MQTT 5 Properties object and matches
   the topic against its callback table: here the packet is decoded in a few slices and handed to
   `on_publish_raw` (the bridge uses no PUBLISH property, and allows no topic alias);
-- each PUBACK was its own packet and its own `send`: here a batch's PUBACKs go out as one buffer.
+- each PUBACK was its own packet and its own `send`: here a batch's PUBACKs go out as one buffer,
+  written at once rather than through paho's write registration.
 """
 
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -24,8 +27,8 @@ from paho.mqtt.enums import MQTTErrorCode
 _RECV_BYTES = 65_536
 # PUBACK in its short form: fixed header 0x40, remaining length 2, packet id. MQTT 5 allows it
 # when the reason code is Success and there are no properties (MQTT 5.0, 3.4.2.1).
-_PUBACK = struct.Struct(">BBH")
 _PUBACK_COMMAND = 0x40
+_PUBACK_HEAD = [_PUBACK_COMMAND << 8 | 2, 0]
 _U16 = struct.Struct(">H")
 
 # (mid, qos, retain, topic, payload) of a received QoS 0 or 1 PUBLISH.
@@ -101,8 +104,15 @@ class BufferedClient(mqtt.Client):
     def _buffered_publishes(self, limit: int) -> int:
         """Handle complete QoS 0/1 PUBLISH packets at the head of the buffer, without paho's
         per-packet state machine; stop at anything else (paho handles it). Only called at a
-        packet boundary of paho's reader."""
+        packet boundary of paho's reader.
+
+        The variable header is read here, in place (what `_publish` does for paho's path): one
+        call and two copies less per message (parsing and handing on: 1.0 to 0.7 us/msg, measured
+        in-process)."""
+        deliver = self.on_publish_raw
+        assert deliver is not None
         buf, pos, end = self._rbuf, self._rpos, len(self._rbuf)
+        v5 = self._protocol == mqtt.MQTTv5
         handled = 0
         while handled < limit and pos < end:
             header = buf[pos]
@@ -118,14 +128,30 @@ class BufferedClient(mqtt.Client):
                 shift += 7
             else:
                 break  # an incomplete or malformed length: paho reads (or rejects) it
-            if body + length > end:
+            packet_end = body + length
+            if packet_end > end:
                 break
-            pos = body + length
-            self._rpos = pos
-            if self._publish(header, buf[body:pos]) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._rpos = packet_end
+            # Read in the whole buffer: a length that overruns the packet puts `payload` past
+            # its end (or past the buffer's: IndexError), and the packet is refused below.
+            try:
+                topic_end = body + 2 + (buf[body] << 8 | buf[body + 1])
+                mid, payload = 0, topic_end
+                if header & 0x06:
+                    mid, payload = buf[topic_end] << 8 | buf[topic_end + 1], topic_end + 2
+                if v5:
+                    properties, payload = _varint(buf, payload)
+                    payload += properties
+            except (IndexError, ValueError):
+                payload = end + 1
+            if payload > packet_end:
+                # Lengths that overrun the packet: a protocol error, as paho's reader treats it.
                 self._rpos = end
                 self._sock_close()
                 return handled
+            deliver(mid, (header & 0x06) >> 1, bool(header & 0x01), buf[body + 2 : topic_end],
+                    buf[payload:packet_end])  # fmt: skip
+            pos = packet_end
             handled += 1
         if handled:
             self._last_bytes_received = time_func()
@@ -148,7 +174,27 @@ class BufferedClient(mqtt.Client):
         return self.buffered and self.socket() is not None
 
     def ack_many(self, mids: list[int]) -> None:
-        """PUBACK several QoS 1 messages with one write."""
-        if mids:
-            data = b"".join([_PUBACK.pack(_PUBACK_COMMAND, 2, mid) for mid in mids])
-            self._packet_queue(_PUBACK_COMMAND, data, 0, 0)
+        """PUBACK several QoS 1 messages with one write: sent at once when nothing else waits
+        to go out (paho would register the socket for writing, hop through the event loop's
+        self-pipe and send on the next turn of the loop); queued behind what does wait."""
+        if not mids:
+            return
+        # Packed as 16-bit words, header word and packet id in turn: no call per PUBACK.
+        words = array("H", _PUBACK_HEAD) * len(mids)
+        words[1::2] = array("H", mids)
+        if sys.byteorder == "little":
+            words.byteswap()
+        data = words.tobytes()
+        if not self._out_packet and self._sock is not None:
+            try:
+                sent = self._sock_send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0  # paho's write of the queued packet meets the same error and reports it
+            else:
+                self._last_msg_out = time_func()
+            data = data[sent:]
+            if not data:
+                return
+        self._packet_queue(_PUBACK_COMMAND, data, 0, 0)

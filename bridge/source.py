@@ -90,6 +90,7 @@ class MqttSource:
         self.previous_filters: set[str] | None = None
         self.paused = False
         self._last_rx = 0.0
+        self._rx, self._rx_wall = time.monotonic(), time.time()  # when what is read now arrived
 
     def _make_client(self) -> BufferedClient:
         s = self._settings
@@ -141,7 +142,9 @@ class MqttSource:
     def _readable(self) -> None:
         if self.paused:
             return
-        self._last_rx = time.monotonic()
+        # One reading of the clocks for the packets handled now: they were received together.
+        self._last_rx = self._rx = time.monotonic()
+        self._rx_wall = time.time()
         # Bounded, so the writer and timers run between bursts; bytes left in the buffer would
         # never make the socket readable again, so the rest is scheduled right away.
         if self._client.read_available(_PACKETS_PER_READ):
@@ -208,9 +211,10 @@ class MqttSource:
             text: str | None = topic.decode("utf-8")
         except UnicodeDecodeError:
             text = None
-        now = time.monotonic()
         self._on_message(
-            Inbound(mid, qos, text, topic, payload, retain, self.generation, now, time.time())
+            Inbound(
+                mid, qos, text, topic, payload, retain, self.generation, self._rx, self._rx_wall
+            )
         )
 
     # --- the app's side -------------------------------------------------------------------------
