@@ -103,7 +103,9 @@ class BridgeApp:
             self.metrics.dropped.labels(pending.route).inc()
             return
         self.pending.append(pending)
-        self._arrived.set()
+        if len(self.pending) == 1:
+            # The writer clears `_arrived` only with nothing pending: the first message wakes it.
+            self._arrived.set()
 
     def in_flight(self) -> int:
         return sum(len(b.items) for b in self.batches) + len(self.pending)

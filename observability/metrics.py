@@ -79,9 +79,11 @@ class BatchHistogram(Collector):
 
     def observe_many(self, values: Iterable[float]) -> None:
         bounds, counts = self._bounds, self._counts
+        total = 0.0
         for value in values:
             counts[bisect_left(bounds, value)] += 1
-            self._sum += value
+            total += value
+        self._sum += total
 
     def collect(self) -> Iterator[Metric]:
         yield histogram_family(self._name, self._doc, self._bounds, self._counts, self._sum)
