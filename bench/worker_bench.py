@@ -18,13 +18,16 @@ stream is read three times, not copied):
 Time runs from the mode's start to the last entry acked; CPU is this process's user + system time
 over the same window (the worker runs in this process), Redis' apart (from /proc). Last, the state
 kept per asset is measured with tracemalloc for `--state-assets` assets fed past the warm-up.
-Numbers from a shared machine mean something only as ratios within one run.
+Numbers from a shared machine mean something only as ratios within one run. To compare two
+commits, run each tree's code with this file (`PYTHONPATH=<tree> python <this file>`): the
+project's modules are imported before this file adds its own tree to the path.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import importlib
 import math
 import os
@@ -141,6 +144,11 @@ async def worker(url: str, prefix: str, group: str, batch: int, total: int, full
 async def measure(
     name: str, redis_pid: int, run: Callable[[], Awaitable[None]], total: int
 ) -> dict[str, float]:
+    # As `iotbridge worker` does before it serves: what exists by now is out of the collector's
+    # reach, so a full collection scans only what the mode itself made (not the filled stream's
+    # leftovers or an earlier mode's).
+    gc.collect()
+    gc.freeze()
     cpu, redis_cpu, wall = time.process_time(), cpu_seconds(redis_pid), time.perf_counter()
     await run()
     wall = time.perf_counter() - wall
