@@ -179,6 +179,10 @@ def _split(values: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
     return numbers, texts
 
 
+# What a contract reads from a payload: asset (if given), seq, epoch seconds, numbers, texts.
+_Parsed = tuple[str | None, int, float, dict[str, float], dict[str, str]]
+
+
 class Contract:
     """Validates raw payloads against one model; raises PayloadRejected with the reason."""
 
@@ -193,43 +197,39 @@ class Contract:
         if len(payload) > max_bytes:
             raise PayloadRejected(Reason.SIZE, f"{len(payload)} bytes > limit {max_bytes}")
         try:
-            model: _Envelope = self._validate_json(payload)
+            asset, seq, epoch, numbers, texts = self._parse(payload)
         except ValidationError as exc:
             raise PayloadRejected(_reason_of(exc), _summary(exc)) from None
-        if model.asset is not None and model.asset != topic_asset:
+        if asset is not None and asset != topic_asset:
             raise PayloadRejected(
-                Reason.IDENTITY, f"payload asset {model.asset!r} != topic asset {topic_asset!r}"
+                Reason.IDENTITY, f"payload asset {asset!r} != topic asset {topic_asset!r}"
             )
+        return Sample(topic_asset, seq, epoch, numbers, texts)
+
+    def _parse(self, payload: bytes) -> _Parsed:
+        """(asset, seq, epoch, numbers, texts) of a payload; ValidationError when it is not one."""
+        model: _Envelope = self._validate_json(payload)
         raw = getattr(model, "values")  # noqa: B009 -- declared models add `values` dynamically
         if isinstance(raw, dict):
-            # The built-in contract: already a dict of finite floats, taken as it is.
-            return Sample(topic_asset, model.seq, model.epoch, raw, {})
+            # The built-in model: already a dict of finite floats, taken as it is.
+            return model.asset, model.seq, model.epoch, raw, {}
         numbers, texts = _split({**raw.__dict__, **(raw.model_extra or {})})
-        return Sample(topic_asset, model.seq, model.epoch, numbers, texts)
+        return model.asset, model.seq, model.epoch, numbers, texts
 
 
 class _Telemetry(Contract):
-    """The built-in contract, checked with the same rules as `TelemetryPayload`."""
+    """The built-in contract, checked with the same rules as `TelemetryPayload`, into a plain
+    dict: no model instance per message."""
 
     def __init__(self) -> None:
         super().__init__(TelemetryPayload)
         self._validate_fields = TypeAdapter(_TelemetryFields).validator.validate_json
 
-    def validate(self, payload: bytes, topic_asset: str, max_bytes: int) -> Sample:
-        if len(payload) > max_bytes:
-            raise PayloadRejected(Reason.SIZE, f"{len(payload)} bytes > limit {max_bytes}")
-        try:
-            fields: _TelemetryFields = self._validate_fields(payload)
-        except ValidationError as exc:
-            raise PayloadRejected(_reason_of(exc), _summary(exc)) from None
-        asset = fields.get("asset")
-        if asset is not None and asset != topic_asset:
-            raise PayloadRejected(
-                Reason.IDENTITY, f"payload asset {asset!r} != topic asset {topic_asset!r}"
-            )
+    def _parse(self, payload: bytes) -> _Parsed:
+        fields: _TelemetryFields = self._validate_fields(payload)
         ts = fields["ts"]
         epoch = ts.timestamp() if isinstance(ts, datetime) else ts
-        return Sample(topic_asset, fields["seq"], epoch, fields["values"], {})
+        return fields.get("asset"), fields["seq"], epoch, fields["values"], {}
 
 
 TELEMETRY: Contract = _Telemetry()
