@@ -1,4 +1,5 @@
-"""The `iotbridge` command: broker, bridge, worker, simulate, audit, demo, check-config.
+"""The `iotbridge` command: broker, bridge, worker, gateway, token, simulate, audit, demo,
+check-config.
 
 Each long-running command is built the same way: settings, logging, metrics registry, then the
 component's `run(stop)` beside the /metrics /healthz /readyz server (`observability.lifecycle`).
@@ -163,6 +164,123 @@ def worker(
     registry = CollectorRegistry()
     component = WorkerApp(settings, registry)
     _run(component, "worker", settings, registry)
+
+
+@app.command()
+def gateway(
+    config: ConfigOption = None,
+    log_format: LogFormatOption = None,
+    log_level: LogLevelOption = None,
+) -> None:
+    """Serve the HTTP ingest gateway and admin API (with /docs, /metrics) on gateway.host:port."""
+    from gateway.server import GatewayApp
+    from observability.lifecycle import install_signal_handlers
+
+    settings = _settings(config)
+    _logging(settings, log_format, log_level)
+    registry = CollectorRegistry()
+    component = GatewayApp(settings, registry)
+    readiness_gauge(registry, "gateway", component.readiness)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        await component.run(stop)
+
+    try:
+        asyncio.run(main())
+    except (IotBridgeError, OSError) as exc:
+        log.error("cannot run: %s", exc)  # noqa: TRY400 -- the message is the whole answer
+        raise typer.Exit(2) from exc
+
+
+token_app = typer.Typer(help="Device tokens of the HTTP gateway.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+def _token_redis(settings: Settings) -> Any:
+    import redis
+
+    return redis.Redis.from_url(settings.redis.url, **settings.redis.client_options())
+
+
+@token_app.command("create")
+def token_create(
+    asset: Annotated[
+        str,
+        typer.Option(help="Asset id, or an fnmatch pattern of them ('press-*'), it may post for."),
+    ],
+    config: ConfigOption = None,
+) -> None:
+    """Create a device token and print it (once: only its hash is kept)."""
+    import redis
+
+    from config.keys import Keys
+    from gateway import tokens
+
+    settings = _settings(config)
+    token, record = tokens.new_token(asset)
+    client = _token_redis(settings)
+    try:
+        client.hset(
+            Keys(settings.redis.key_prefix).gateway_tokens, record.id, tokens.encode(record)
+        )
+    except redis.RedisError as exc:
+        typer.echo(f"redis {settings.redis.url.split('@')[-1]}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        client.close()
+    typer.echo(token)
+    typer.echo(f"id {record.id}, asset {asset!r}: store it now, it is not shown again", err=True)
+
+
+@token_app.command("list")
+def token_list(config: ConfigOption = None) -> None:
+    """List device tokens: id, asset pattern, creation time (JSON lines; never the token)."""
+    import redis
+
+    from config.keys import Keys
+    from gateway import tokens
+
+    settings = _settings(config)
+    client = _token_redis(settings)
+    try:
+        raw = client.hgetall(Keys(settings.redis.key_prefix).gateway_tokens)
+    except redis.RedisError as exc:
+        typer.echo(f"redis {settings.redis.url.split('@')[-1]}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        client.close()
+    records = sorted(
+        (tokens.decode(k.decode(), v) for k, v in raw.items()), key=lambda r: r.created
+    )
+    for record in records:
+        typer.echo(json.dumps({"id": record.id, "asset": record.asset, "created": record.created}))
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(metavar="ID", help="The token's id (token list).")],
+    config: ConfigOption = None,
+) -> None:
+    """Revoke a device token (running gateways stop accepting it within 5 s). Exit 1 if unknown."""
+    import redis
+
+    from config.keys import Keys
+
+    settings = _settings(config)
+    client = _token_redis(settings)
+    try:
+        removed = client.hdel(Keys(settings.redis.key_prefix).gateway_tokens, token_id)
+    except redis.RedisError as exc:
+        typer.echo(f"redis {settings.redis.url.split('@')[-1]}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        client.close()
+    if not removed:
+        typer.echo(f"no token {token_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {token_id}")
 
 
 @app.command()

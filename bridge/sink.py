@@ -129,6 +129,15 @@ end
 return out
 """
 
+# The same script answering each written entry's stream id instead of its flag (0 still: a
+# duplicate): for callers that report the id, such as the HTTP gateway. Flag 2 (written, older
+# than the dedup window) is then not told apart from 1.
+_APPEND_SCRIPT_IDS = _APPEND_SCRIPT.replace(
+    "    redis.call('XADD', KEYS[stream], '*', unpack(ARGV, first, last))",
+    "    flag = redis.call('XADD', KEYS[stream], '*', unpack(ARGV, first, last))",
+)
+assert _APPEND_SCRIPT_IDS != _APPEND_SCRIPT
+
 
 @dataclass(slots=True)  # not frozen: built once per message, and frozen costs 3x
 class Dedup:
@@ -220,11 +229,15 @@ class RedisSink:
     command packing cost a quarter of the bridge's CPU when it packed every argument itself.
     """
 
-    def __init__(self, settings: RedisSettings, keys: Sequence[str]) -> None:
+    def __init__(
+        self, settings: RedisSettings, keys: Sequence[str], *, entry_ids: bool = False
+    ) -> None:
+        """`entry_ids`: `write_ids` answers each written entry's id (`write` is then unusable)."""
         self._redis = redis_client(settings)
         self._keys = list(keys)
         self._index = {key: _bulk(str(i + 1)) for i, key in enumerate(self._keys)}
-        self._sha = hashlib.sha1(_APPEND_SCRIPT.encode()).hexdigest()  # noqa: S324 -- Redis names scripts by SHA-1
+        self._script = _APPEND_SCRIPT_IDS if entry_ids else _APPEND_SCRIPT
+        self._sha = hashlib.sha1(self._script.encode()).hexdigest()  # noqa: S324 -- Redis names scripts by SHA-1
         self._head = _bulk("EVALSHA") + _bulk(self._sha) + _bulk(str(len(self._keys)))
         self._head += b"".join(_bulk(k) for k in self._keys)
         # Batches go out on one connection of their own (see _execute); the pool serves the rest.
@@ -262,7 +275,7 @@ class RedisSink:
         """Ping, load the script, and refuse a Redis that would evict streams (ConfigError)."""
         try:
             await self._redis.ping()
-            await self._redis.script_load(_APPEND_SCRIPT)
+            await self._redis.script_load(self._script)
             policy = (await self._redis.config_get("maxmemory-policy")).get("maxmemory-policy")
         except ResponseError as exc:
             # CONFIG may be denied to a least-privilege user; the operator owns the policy then.
@@ -277,7 +290,7 @@ class RedisSink:
                 "redis", f"maxmemory-policy is {policy}: Redis would silently evict telemetry "
                 "streams; set it to noeviction (or a volatile-* policy)")])  # fmt: skip
 
-    async def _execute(self, command: bytes) -> list[int]:
+    async def _execute(self, command: bytes) -> list[int | bytes]:
         """Send a command on the sink's own connection and read its reply, in call order.
 
         Several batches may be in flight on the connection at once: Redis answers one client's
@@ -339,6 +352,16 @@ class RedisSink:
         """Append a batch atomically: per entry 1 (written), 0 (a duplicate, not written) or 2
         (written, older than the dedup window), and the seconds it took. Raises SinkUnavailable: nothing may be acknowledged, and a retry is
         safe for telemetry (a batch applied before its reply was lost is deduplicated)."""
+        written, duration = await self._write(appends)
+        return [int(flag) for flag in written], duration
+
+    async def write_ids(self, appends: Sequence[Append]) -> tuple[list[bytes | None], float]:
+        """As `write`, on a sink built with `entry_ids`: per entry its stream id when written,
+        None when a duplicate."""
+        written, duration = await self._write(appends)
+        return [flag if isinstance(flag, bytes) else None for flag in written], duration
+
+    async def _write(self, appends: Sequence[Append]) -> tuple[list[int | bytes], float]:
         if not appends:
             return [], 0.0
         started = time.perf_counter()
@@ -350,11 +373,11 @@ class RedisSink:
                 # Redis restarted (scripts are not persisted): load it and try once more. With
                 # several batches in flight each does so; their entries may then land in another
                 # order than they were sent (their acks still leave in order).
-                await self._redis.script_load(_APPEND_SCRIPT)
+                await self._redis.script_load(self._script)
                 written = await self._execute(command)
         except (RedisError, OSError) as exc:
             raise SinkUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        return [int(flag) for flag in written], time.perf_counter() - started
+        return written, time.perf_counter() - started
 
     async def close(self) -> None:
         if self._conn is not None:

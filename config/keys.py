@@ -69,6 +69,12 @@ class Keys:
         return f"{self.prefix}:bridge:{client_id}:filters"
 
     @property
+    def gateway_tokens(self) -> str:
+        """Device tokens of the HTTP gateway: `iotbridge:gateway:tokens` (a hash: token id ->
+        JSON with the SHA-256 of the secret, never the secret, and the asset pattern)."""
+        return f"{self.prefix}:gateway:tokens"
+
+    @property
     def dead_letters(self) -> str:
         """Dead letters of the bridge: `iotbridge:dlq`."""
         return f"{self.prefix}:dlq"

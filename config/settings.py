@@ -34,6 +34,7 @@ from config.detector_settings import (
     StalenessRule,
     ThresholdRule,
 )
+from config.gateway_settings import GatewaySettings
 from config.sections import NAME_PATTERN, Name, Section
 from config.sparkplug_settings import SparkplugSettings
 
@@ -41,7 +42,7 @@ from config.sparkplug_settings import SparkplugSettings
 __all__ = [
     "NAME_PATTERN", "AssetClassName", "BackoffSettings", "BatchSettings", "BridgeSettings",
     "BrokerSettings", "ClockSettings", "ContractField", "ContractSettings", "DetectorRule",
-    "DetectorSettings", "DeviationRule", "FlatlineRule", "HttpSettings", "HttpTlsSettings",
+    "DetectorSettings", "DeviationRule", "FlatlineRule", "GatewaySettings", "HttpSettings", "HttpTlsSettings",
     "LoggingSettings", "MqttSettings", "Name", "RateLimitSettings", "RateRule", "RedisSettings",
     "RetentionSettings", "RouteSettings", "Section", "SequenceGapRule", "Settings", "Severity",
     "SimulatorSettings", "SparkplugSettings", "SpoolSettings", "StalenessRule", "ThresholdRule",
@@ -404,6 +405,9 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
     sparkplug: SparkplugSettings = Field(
         default_factory=SparkplugSettings, description="The Sparkplug B host application."
+    )
+    gateway: GatewaySettings = Field(
+        default_factory=GatewaySettings, description="The HTTP ingest gateway and admin API."
     )
 
     @classmethod

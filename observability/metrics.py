@@ -447,3 +447,70 @@ class BrokerMetrics:
             "QoS 1 messages held for disconnected persistent sessions.",
             registry=registry,
         )
+
+
+class GatewayMetrics:
+    """Counters add up, per ingest request: requests = stored + duplicate + rejected + refused
+    (refused: every status but 200 and 422; an NDJSON request counts each line's outcome)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        build_info(registry, "gateway")
+        self.requests = Counter(
+            "iotbridge_gateway_requests_total",
+            "HTTP requests answered, by endpoint (ingest, bulk, admin, other) and status code.",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.messages = Counter(
+            "iotbridge_gateway_messages_total",
+            "Messages received over HTTP by outcome: stored (a telemetry entry), duplicate "
+            "(recognised by the dedup, not stored again), rejected (dead-lettered).",
+            ["route", "outcome"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "iotbridge_gateway_messages_rejected_total",
+            "Messages dead-lettered by the gateway, by reason.",
+            ["route", "reason"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "iotbridge_gateway_request_duration_seconds",
+            "Time from a request's arrival to its answer, by endpoint.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "iotbridge_gateway_batch_size",
+            "Messages per group-commit write to Redis.",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.write_duration = Histogram(
+            "iotbridge_gateway_write_duration_seconds",
+            "Duration of one group-commit write (EVALSHA round trip).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "iotbridge_gateway_pending_messages",
+            "Messages waiting for their group-commit write (bounded by gateway.max_pending).",
+            registry=registry,
+        )
+        self.write_errors = Counter(
+            "iotbridge_gateway_write_errors_total",
+            "Group-commit writes that failed (Redis away or too slow): their requests got 503.",
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "iotbridge_gateway_auth_failures_total",
+            "Requests refused for their token: 401 (missing or unknown) or 403 (wrong asset).",
+            ["status"],
+            registry=registry,
+        )
+        self.connected = Gauge(
+            "iotbridge_gateway_redis_connected",
+            "1 while the last write to Redis succeeded.",
+            registry=registry,
+        )

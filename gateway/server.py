@@ -1,0 +1,114 @@
+"""The running gateway: intake, group commit and the HTTP API, served by uvicorn in-process.
+
+Serving starts at once; /readyz and ingest answer 503 until Redis answers (checked with backoff,
+like the bridge). A signal stops accepting connections, lets the requests under way finish, and
+then stops the writer, which fails what is still queued with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+
+import uvicorn
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from bridge.intake import Intake
+from bridge.sink import RedisSink, redis_client
+from config.errors import SinkUnavailable
+from config.keys import Keys
+from config.settings import Settings
+from gateway.app import create_app
+from gateway.commit import GroupCommit
+from gateway.context import GatewayContext
+from gateway.ingest import Ingestor
+from observability.lifecycle import Backoff
+from observability.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the process's stop event drives it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class GatewayApp:
+    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.metrics = GatewayMetrics(registry)
+        self.keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
+        self.intake = Intake(settings.bridge, self.keys)
+        self.sink = RedisSink(settings.redis, self.intake.write_keys, entry_ids=True)
+        self.reader = redis_client(settings.redis, client_name="iotbridge-gateway")
+        self.commit = GroupCommit(self.sink, settings.gateway, Backoff(settings.backoff),
+                                  self.metrics)  # fmt: skip
+        self.ingestor = Ingestor(settings, self.intake, self.commit)
+        self.context = GatewayContext(settings, self.keys, self.intake, self.reader,
+                                      self.ingestor.ingest)  # fmt: skip
+        self.redis_checked = False
+        self.app: FastAPI = create_app(self.context, ingestor=self.ingestor, registry=registry,
+                                       readiness=self.readiness, metrics=self.metrics)  # fmt: skip
+        self.server: uvicorn.Server | None = None
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self.redis_checked or not self.commit.redis_ok:
+            return False, "redis unavailable"
+        if self.server is None or not self.server.started:
+            return False, "not serving yet"
+        return True, "ready"
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0)."""
+        if self.server is not None and self.server.servers:
+            return int(self.server.servers[0].sockets[0].getsockname()[1])
+        return self.settings.gateway.port
+
+    async def _check_redis(self, stop: asyncio.Event) -> None:
+        backoff = Backoff(self.settings.backoff)
+        while not stop.is_set():
+            try:
+                await self.sink.check()
+            except SinkUnavailable as exc:
+                if backoff.attempts == 0:
+                    log.warning("redis unavailable, retrying with backoff",
+                                extra={"error": str(exc)})  # fmt: skip
+                if await backoff.wait(stop):
+                    return
+                continue
+            self.redis_checked = True
+            log.info("redis connected", extra={"url": self.settings.redis.url.split("@")[-1]})
+            return
+
+    async def run(self, stop: asyncio.Event) -> None:
+        gw = self.settings.gateway
+        config = uvicorn.Config(self.app, host=gw.host, port=gw.port, log_config=None,
+                                access_log=False, lifespan="off", server_header=False,
+                                timeout_graceful_shutdown=math.ceil(gw.write_timeout_ms / 1000) + 1)  # fmt: skip
+        self.server = server = _Server(config)
+        writer_stop = asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._check_redis(stop), name="redis-check")
+                writer = tasks.create_task(self.commit.run(writer_stop), name="gateway-writer")
+                serving = tasks.create_task(server.serve(), name="uvicorn")
+                log.info("gateway serving", extra={"url": f"http://{gw.host}:{gw.port}"})
+                stopped = asyncio.ensure_future(stop.wait())
+                await asyncio.wait([stopped, serving], return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                server.should_exit = True
+                await serving
+                writer_stop.set()
+                await writer
+        finally:
+            await self.sink.close()
+            await self.reader.aclose()
+            log.info("gateway stopped")
