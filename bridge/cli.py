@@ -263,7 +263,7 @@ def token_revoke(
     token_id: Annotated[str, typer.Argument(metavar="ID", help="The token's id (token list).")],
     config: ConfigOption = None,
 ) -> None:
-    """Revoke a device token (running gateways stop accepting it within 5 s). Exit 1 if unknown."""
+    """Revoke a device token (running gateways stop accepting it within gateway.token_refresh_s). Exit 1 if unknown."""
     import redis
 
     from config.keys import Keys

@@ -43,6 +43,12 @@ class GatewaySettings(Section):
     max_bulk_bytes: int = Field(
         4_194_304, gt=0, description="Decoded body bytes of one NDJSON request (413 beyond)."
     )
+    token_refresh_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often the device tokens are reloaded from Redis: a revoked token stops "
+        "working within this time (a new one works at once).",
+    )
     auth_failures: int = Field(
         10,
         gt=0,

@@ -350,7 +350,7 @@ def create_app(
         description="Devices post readings to `/api/v1/topics/{topic}` with a device token; "
         "operators use the admin endpoints with the admin token.",
     )
-    tokens = TokenStore(ctx.redis, ctx.keys.gateway_tokens)
+    tokens = TokenStore(ctx.redis, ctx.keys.gateway_tokens, ctx.settings.gateway.token_refresh_s)
     app.include_router(ingest_router(_Ingest(ctx, ingestor, tokens, metrics)))
     app.include_router(admin_router(ctx))
     http = ctx.settings.http
