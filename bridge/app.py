@@ -32,6 +32,7 @@ from bridge.intake import Intake, Pending
 from bridge.retention import Retention
 from bridge.sink import RedisSink
 from bridge.source import Inbound, MqttSource
+from bridge.sparkplug.session import SparkplugSession
 from bridge.spool import Spool, SpoolFull
 from config.errors import ConfigError, SinkUnavailable
 from config.keys import Keys
@@ -79,6 +80,10 @@ class BridgeApp:
         self.spool = None if spool_dir is None else Spool(
             spool_dir, settings.bridge.spool.max_bytes, settings.bridge.spool.segment_bytes
         )  # fmt: skip
+        # The Sparkplug B host: its own clean MQTT session, beside the source (bridge.sparkplug).
+        self.sparkplug = (
+            SparkplugSession(settings, registry) if settings.sparkplug.enabled else None
+        )
         self.pending: deque[Pending] = deque()
         self.batches: deque[_Batch] = deque()  # taken from pending, not yet stored and acknowledged
         self._arrived = asyncio.Event()
@@ -408,6 +413,8 @@ class BridgeApp:
             return False, "mqtt not connected"
         if not self.source.subscribed:
             return False, "mqtt subscription not confirmed"
+        if self.sparkplug is not None and not self.sparkplug.online:
+            return False, "sparkplug host not online"
         age = self.oldest_unacked_age_s()
         if age > self.settings.bridge.max_unacked_age_s:
             return False, f"oldest unacknowledged message is {age:.1f} s old"
@@ -471,6 +478,8 @@ class BridgeApp:
             writer_stop = asyncio.Event()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.source.run(stop), name="mqtt-source")
+                if self.sparkplug is not None:
+                    tasks.create_task(self.sparkplug.run(stop), name="sparkplug-host")
                 writer = tasks.create_task(self._write_loop(writer_stop), name="writer")
                 tasks.create_task(retention.run(writer_stop), name="retention")
                 remember = tasks.create_task(self._remember_filters(), name="remember-filters")

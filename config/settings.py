@@ -410,6 +410,31 @@ class Settings(BaseSettings):
         default_factory=GatewaySettings, description="The HTTP ingest gateway and admin API."
     )
 
+    @model_validator(mode="after")
+    def _sparkplug_route_free(self) -> Settings:
+        """The host's entries take the route `sparkplug`; a bridge route may not share it, nor
+        subscribe to spBv1.0/ (its JSON contracts would dead-letter every Sparkplug message)."""
+        if not self.sparkplug.enabled:
+            return self
+        for index, route in enumerate(self.bridge.routes):
+            if route.name == "sparkplug":
+                raise ValueError(
+                    f"sparkplug.enabled: bridge.routes.{index}.name 'sparkplug' is the Sparkplug "
+                    "host's route; rename the route"
+                )
+            if route.topic.split("/")[0] == "spBv1.0":
+                raise ValueError(
+                    f"sparkplug.enabled: bridge.routes.{index}.topic {route.topic!r} takes "
+                    "Sparkplug topics, which the Sparkplug host reads; remove the route"
+                )
+        return self
+
+    @property
+    def telemetry_routes(self) -> list[str]:
+        """Every route with telemetry streams: the bridge's, and `sparkplug` when enabled."""
+        names = [route.name for route in self.bridge.routes]
+        return [*names, "sparkplug"] if self.sparkplug.enabled else names
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -10,9 +10,8 @@ from config.sections import Name, Section
 class SparkplugSettings(Section):
     enabled: bool = Field(
         False,
-        description="Run the Sparkplug B host application on spBv1.0/ topics. Not available "
-        "yet: the host's decoding and state are built (bridge/sparkplug/), its MQTT session and "
-        "write path are not, so true is refused rather than silently ignored.",
+        description="Run the Sparkplug B host application in the bridge: its own clean MQTT "
+        "session on spBv1.0/ topics, entries on the route `sparkplug`.",
     )
     host_id: Name = Field(
         "iotbridge",
@@ -42,16 +41,6 @@ class SparkplugSettings(Section):
         description="At most one rebirth request per edge node in this interval, however many "
         "gaps or unknown aliases it shows.",
     )
-
-    @field_validator("enabled")
-    @classmethod
-    def _available(cls, enabled: bool) -> bool:
-        if enabled:
-            raise ValueError(
-                "the Sparkplug B host is not wired into the bridge yet: nothing would read "
-                "spBv1.0/ topics; leave it false"
-            )
-        return enabled
 
     @field_validator("groups")
     @classmethod

@@ -254,6 +254,104 @@ class BridgeMetrics:
         )
 
 
+class SparkplugMetrics:
+    """The Sparkplug B host (`bridge.sparkplug.session`): messages by type, what became entries,
+    births, deaths, sequence gaps, rebirth requests and the metrics now stale."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.received = Counter(
+            "iotbridge_sparkplug_messages_received_total",
+            "Sparkplug messages received, by message type (NBIRTH ... DDEATH, STATE, invalid).",
+            ["type"],
+            registry=registry,
+        )
+        self.entries = Counter(
+            "iotbridge_sparkplug_entries_written_total",
+            "Telemetry entries written to the sparkplug route's streams (deaths included).",
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "iotbridge_sparkplug_entries_duplicate_total",
+            "Entries the dedup recognised as written already.",
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "iotbridge_sparkplug_messages_rejected_total",
+            "Messages or metrics written to the dead-letter stream, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "iotbridge_sparkplug_messages_dropped_total",
+            "QoS 0 messages dropped because the host's queue was full (Redis unavailable).",
+            registry=registry,
+        )
+        self.births = Counter(
+            "iotbridge_sparkplug_births_total",
+            "NBIRTH (level node) and DBIRTH (level device) accepted.",
+            ["level"],
+            registry=registry,
+        )
+        self.deaths = Counter(
+            "iotbridge_sparkplug_deaths_total",
+            "Edge nodes (NDEATH with the session's bdSeq) and devices (DDEATH or their node's "
+            "death) marked offline, by level.",
+            ["level"],
+            registry=registry,
+        )
+        self.rebirth_requests = Counter(
+            "iotbridge_sparkplug_rebirth_requests_total",
+            "Rebirth requests (NCMD Node Control/Rebirth) published.",
+            registry=registry,
+        )
+        self.rebirths_suppressed = Counter(
+            "iotbridge_sparkplug_rebirth_requests_suppressed_total",
+            "Rebirth requests not sent: one went to the node within rebirth_min_interval_s.",
+            registry=registry,
+        )
+        self.gaps = Counter(
+            "iotbridge_sparkplug_seq_gaps_total",
+            "Sequence numbers never received within the reorder timeout.",
+            registry=registry,
+        )
+        self.unknown = Counter(
+            "iotbridge_sparkplug_unknown_total",
+            "DATA before its birth or with an alias no birth declared: nothing written.",
+            registry=registry,
+        )
+        self.unplaced = Counter(
+            "iotbridge_sparkplug_unplaced_total",
+            "Messages behind the expected seq, or repeated: nothing written.",
+            registry=registry,
+        )
+        self.online = Gauge(
+            "iotbridge_sparkplug_online",
+            "Edge nodes (level node) and devices (level device) online.",
+            ["level"],
+            registry=registry,
+        )
+        self.stale_metrics = Gauge(
+            "iotbridge_sparkplug_stale_metrics",
+            "Metrics of offline edge nodes and devices (stale since their death).",
+            registry=registry,
+        )
+        self.connected = Gauge(
+            "iotbridge_sparkplug_connected",
+            "1 while the host's MQTT connection is up and its STATE birth published.",
+            registry=registry,
+        )
+        self.reconnects = Counter(
+            "iotbridge_sparkplug_reconnects_total",
+            "Connection attempts of the host after a failure, by target (mqtt, redis).",
+            ["target"],
+            registry=registry,
+        )
+        for level in ("node", "device"):
+            self.births.labels(level)
+            self.deaths.labels(level)
+            self.online.labels(level)
+
+
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         build_info(registry, "worker")

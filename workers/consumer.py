@@ -90,7 +90,7 @@ class Consumer:
         self._block_ms = max(1, min(worker.block_ms, socket_ms, int(self._beat_s * 500)))
         self._backoff_settings = settings.backoff
         self._keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
-        self._shards = shards_of(self._keys, self._group, [r.name for r in settings.bridge.routes])
+        self._shards = shards_of(self._keys, self._group, settings.telemetry_routes)
         self._engine = engine
         self._leases = Leases(self._keys, self._group, name, self._shards, worker.lease_ttl_ms)
         self._metrics = metrics

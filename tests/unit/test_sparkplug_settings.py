@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from bridge.sparkplug.host import Host
@@ -63,7 +67,36 @@ def test_bad_values_are_named_by_their_path() -> None:
     assert "sparkplug.groups" in _problems("sparkplug:\n  groups: []\n")
 
 
-def test_enabling_the_host_before_it_is_wired_is_refused_by_path() -> None:
-    problems = _problems("sparkplug:\n  enabled: true\n")
-    assert set(problems) == {"sparkplug.enabled"}
-    assert "not wired into the bridge yet" in problems["sparkplug.enabled"]
+def test_enabling_the_host_adds_its_route_for_the_workers() -> None:
+    settings = loader.parse("sparkplug:\n  enabled: true\n")
+    assert settings.sparkplug.enabled
+    assert settings.telemetry_routes == ["telemetry", "sparkplug"]
+    assert Settings().telemetry_routes == ["telemetry"]
+
+
+@pytest.mark.parametrize(
+    ("route", "says"),
+    [
+        ("{name: sparkplug, topic: 'x/{asset}'}", "bridge.routes.0.name 'sparkplug'"),
+        ("{name: sp, topic: 'spBv1.0/{group}/{kind}/{asset}'}", "bridge.routes.0.topic"),
+    ],
+)
+def test_a_bridge_route_that_clashes_with_the_host_is_refused_by_path(
+    route: str, says: str
+) -> None:
+    text = f"sparkplug:\n  enabled: true\nbridge:\n  routes: [{route}]\n"
+    [(path, message)] = _problems(text).items()
+    assert message.startswith(f"sparkplug.enabled: {says}"), (path, message)
+    # The same routes are fine while the host is off.
+    assert loader.parse(text.replace("enabled: true", "enabled: false")).bridge.routes
+
+
+def test_check_config_exits_non_zero_on_a_bad_sparkplug_value(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("sparkplug:\n  enabled: true\n  reorder_timeout_ms: 90000\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "bridge.cli", "check-config", "--config", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "sparkplug.reorder_timeout_ms" in done.stdout + done.stderr

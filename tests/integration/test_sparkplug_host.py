@@ -1,0 +1,269 @@
+"""The Sparkplug B host in the bridge, against real mosquitto and redis-server: what edge nodes'
+births, DATA and deaths become in the `sparkplug` stream, sequence gaps and rebirth requests."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from bridge.app import BridgeApp
+from bridge.sparkplug.payload import DataType, OutMetric, encode
+from config.keys import Keys
+from config.settings import Settings
+from tests.clients import running_bridge, sample, wait_for
+from tests.sparkplug_edge import EdgeNode
+
+pytestmark = pytest.mark.integration
+
+SP = "iotbridge_sparkplug_"
+TIMEOUT_MS = 400
+INTERVAL_S = 3.0
+
+
+def _settings(make_settings: Callable[..., Settings], unique: str, **extra: Any) -> Settings:
+    sparkplug = {"enabled": True, "host_id": unique, "groups": [unique],
+                 "reorder_timeout_ms": TIMEOUT_MS, "rebirth_min_interval_s": INTERVAL_S}  # fmt: skip
+    return make_settings(sparkplug={**sparkplug, **extra})
+
+
+def _entries(settings: Settings) -> list[dict[str, str]]:
+    db = redis.Redis.from_url(settings.redis.url, decode_responses=True)
+    keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
+    return [fields for stream in keys.telemetry_streams("sparkplug")
+            for _, fields in db.xrange(stream)]  # fmt: skip
+
+
+def _of(entries: list[dict[str, str]], kind: str) -> list[dict[str, str]]:
+    return [e for e in entries if e.get("sp.type") == kind]
+
+
+async def _edge(
+    app: BridgeApp, settings: Settings, node: str = "Edge 1", bd_seq: int = 0
+) -> EdgeNode:
+    return await asyncio.to_thread(
+        EdgeNode, settings.mqtt.url, settings.sparkplug.groups[0], node, bd_seq,
+        settings.mqtt.protocol,
+    )  # fmt: skip
+
+
+def _device_birth(edge: EdgeNode) -> None:
+    edge.publish("DBIRTH", [OutMetric("Speed", DataType.INT32, 0, alias=1)], device="Motor 1")
+
+
+def _ddata(edge: EdgeNode, value: int, seq: int | None = None) -> None:
+    edge.publish("DDATA", [OutMetric(None, DataType.INT32, value, alias=1)], "Motor 1", seq)
+
+
+async def test_600_consecutive_messages_wrap_the_seq_twice_with_0_gaps_and_0_rebirths(
+    make_settings: Callable[..., Settings], unique: str
+) -> None:
+    settings = _settings(make_settings, unique)
+    async with running_bridge(settings) as app:
+        edge = await _edge(app, settings)
+        try:
+            edge.birth([OutMetric("Load", DataType.DOUBLE, 0.5, alias=7)])
+            _device_birth(edge)
+            for value in range(600):  # seqs 2..601: past 255 and 511
+                _ddata(edge, value)
+            await wait_for(lambda: len(_of(_entries(settings), "DDATA")) == 600, 20, "600 entries")
+            assert edge.seq == 602 % 256
+        finally:
+            await asyncio.to_thread(edge.close)
+        assert sample(app, SP + "seq_gaps_total") == 0
+        assert sample(app, SP + "rebirth_requests_total") == 0
+        assert sample(app, SP + "births_total", level="node") == 1
+        assert sample(app, SP + "births_total", level="device") == 1
+    data = _of(_entries(settings), "DDATA")
+    assert [int(e["v.Speed"]) for e in data] == list(range(600))
+    assert {e["asset"] for e in data} == {f"{unique}.Edge-201.Motor-201"}
+    assert [int(e["seq"]) for e in data] == list(range(1, 601))  # the DBIRTH's entry is seq 0
+    assert [int(e["sp.seq"]) for e in data] == [s % 256 for s in range(2, 602)]
+    assert edge.rebirths() == []
+
+
+async def test_two_messages_swapped_within_the_reorder_timeout_are_both_stored_with_0_rebirths(
+    make_settings: Callable[..., Settings], unique: str
+) -> None:
+    settings = _settings(make_settings, unique, reorder_timeout_ms=2000)
+    async with running_bridge(settings) as app:
+        edge = await _edge(app, settings)
+        try:
+            edge.birth([])
+            _device_birth(edge)  # seq 1
+            for value, seq in ((3, 3), (2, 2), (4, 4)):
+                _ddata(edge, value, seq)
+            await wait_for(lambda: len(_of(_entries(settings), "DDATA")) == 3, 10, "3 entries")
+        finally:
+            await asyncio.to_thread(edge.close)
+        assert sample(app, SP + "rebirth_requests_total") == 0
+        assert sample(app, SP + "seq_gaps_total") == 0
+    assert [e["v.Speed"] for e in _of(_entries(settings), "DDATA")] == ["2", "3", "4"]
+    assert edge.rebirths() == []
+
+
+async def test_a_dropped_seq_gives_exactly_1_rebirth_ncmd_within_the_timeout_and_half_a_second(
+    make_settings: Callable[..., Settings], unique: str
+) -> None:
+    settings = _settings(make_settings, unique)
+    async with running_bridge(settings) as app:
+        edge = await _edge(app, settings)
+        try:
+            edge.birth([])
+            _device_birth(edge)
+            _ddata(edge, 2, seq=2)
+            sent = time.time()
+            _ddata(edge, 4, seq=4)  # seq 3 never comes
+            limit_s = TIMEOUT_MS / 1000 + 0.5
+            await wait_for(edge.rebirths, limit_s + 1, "a rebirth request")
+            assert edge.rebirths()[0] - sent <= limit_s
+            # The held message is written once the hole is given up on.
+            await wait_for(lambda: len(_of(_entries(settings), "DDATA")) == 2, 5, "both entries")
+            # A storm of gaps within the interval: every further request is held back.
+            first = edge.rebirths()[0]
+            seq = 5
+            for value in range(8):
+                _ddata(edge, value, seq=seq)
+                seq += 2  # a hole before every message
+            await wait_for(lambda: sample(app, SP + "rebirth_requests_suppressed_total") >= 1,
+                           first + INTERVAL_S - time.time(), "a suppressed request")  # fmt: skip
+            assert time.time() - first < INTERVAL_S
+            [(_, topic, qos, retain, metrics)] = edge.commands
+        finally:
+            await asyncio.to_thread(edge.close)
+        assert sample(app, SP + "rebirth_requests_total") == 1
+        assert sample(app, SP + "seq_gaps_total") >= 2
+    assert (topic, qos, retain) == (f"spBv1.0/{unique}/NCMD/Edge 1", 0, False)
+    assert metrics == [("Node Control/Rebirth", True)]
+
+
+async def test_an_unknown_alias_writes_nothing_and_asks_for_1_rebirth(
+    make_settings: Callable[..., Settings], unique: str
+) -> None:
+    settings = _settings(make_settings, unique)
+    async with running_bridge(settings) as app:
+        edge = await _edge(app, settings)
+        try:
+            edge.publish("DDATA", [OutMetric(None, DataType.INT32, 1, alias=1)], "Motor 1")
+            await wait_for(lambda: len(edge.rebirths()) == 1, 5, "a rebirth request (no birth)")
+            edge.birth([])
+            _device_birth(edge)
+            edge.publish("DDATA", [OutMetric(None, DataType.INT32, 5, alias=1),
+                                   OutMetric(None, DataType.INT32, 6, alias=99)], "Motor 1")  # fmt: skip
+            await wait_for(lambda: sample(app, SP + "unknown_total") == 2, 5, "the unknown alias")
+        finally:
+            await asyncio.to_thread(edge.close)
+        assert sample(app, SP + "rebirth_requests_total") == 1  # the second within the interval
+    assert _of(_entries(settings), "DDATA") == []
+
+
+async def test_values_of_every_scalar_datatype_at_min_max_and_minus_1_are_stored_exactly(
+    make_settings: Callable[..., Settings], unique: str
+) -> None:
+    settings = _settings(make_settings, unique)
+    metrics, expected = [], {}
+    bounds = {DataType.INT8: 8, DataType.INT16: 16, DataType.INT32: 32, DataType.INT64: 64}
+    for kind, bits in bounds.items():
+        for label, value in (
+            ("min", -(1 << (bits - 1))),
+            ("max", (1 << (bits - 1)) - 1),
+            ("m1", -1),
+        ):
+            metrics.append(OutMetric(f"{kind.name}/{label}", kind, value))
+            expected[f"v.{kind.name}.{label}"] = str(value)
+    for kind, bits in {DataType.UINT8: 8, DataType.UINT16: 16, DataType.UINT32: 32,
+                       DataType.UINT64: 64}.items():  # fmt: skip
+        for label, value in (("min", 0), ("max", (1 << bits) - 1)):
+            metrics.append(OutMetric(f"{kind.name}/{label}", kind, value))
+            expected[f"v.{kind.name}.{label}"] = str(value)
+    metrics += [
+        OutMetric("FLOAT", DataType.FLOAT, -1.5),
+        OutMetric("DOUBLE", DataType.DOUBLE, 1.7976931348623157e308),
+        OutMetric("BOOLEAN", DataType.BOOLEAN, True),
+        OutMetric("DATETIME", DataType.DATETIME, 1_700_000_000_123),
+        OutMetric("STRING", DataType.STRING, "naïve ✓"),
+        OutMetric("TEXT", DataType.TEXT, "line 1\nline 2"),
+        OutMetric("UUID", DataType.UUID, "123e4567-e89b-12d3-a456-426614174000"),
+        OutMetric("NULL", DataType.INT32, None),
+    ]
+    expected |= {"v.FLOAT": "-1.5", "v.DOUBLE": "1.7976931348623157e+308", "v.BOOLEAN": "1.0",
+                 "v.DATETIME": "1700000000123", "s.STRING": "naïve ✓", "s.TEXT": "line 1\nline 2",
+                 "s.UUID": "123e4567-e89b-12d3-a456-426614174000", "sp.null": "NULL"}  # fmt: skip
+    async with running_bridge(settings) as app:
+        edge = await _edge(app, settings)
+        try:
+            edge.birth(metrics)
+            historical = OutMetric("INT8/m1", DataType.INT8, -128, timestamp_ms=1_600_000_000_000,
+                                   is_historical=True)  # fmt: skip
+            edge.publish("NDATA", [historical])
+            await wait_for(lambda: len(_entries(settings)) == 2, 10, "the birth and the NDATA")
+        finally:
+            await asyncio.to_thread(edge.close)
+        assert sample(app, SP + "messages_rejected_total", reason="schema") == 0
+    birth, data = _entries(settings)
+    assert {k: birth.get(k) for k in expected} == expected
+    assert (data["v.INT8.m1"], data["ts"], data["sp.historical"]) == ("-128", "1600000000.0", "1")
+    assert "sp.historical" not in birth
+
+
+async def test_deaths_mark_the_node_and_its_devices_stale_and_an_old_ndeath_changes_nothing(
+    make_settings: Callable[..., Settings], unique: str
+) -> None:
+    settings = _settings(make_settings, unique)
+    async with running_bridge(settings) as app:
+        edge = await _edge(app, settings, bd_seq=4)
+        try:
+            edge.birth([OutMetric("Load", DataType.DOUBLE, 0.5)])
+            _device_birth(edge)
+            edge.publish("DDEATH", [], device="Motor 1")
+            await wait_for(lambda: len(_of(_entries(settings), "DDEATH")) == 1, 5, "the DDEATH")
+            assert sample(app, SP + "online", level="device") == 0
+            assert sample(app, SP + "stale_metrics") == 1
+            _device_birth(edge)
+            # An NDEATH of an earlier connection of the node (bdSeq 3): this session lives on.
+            stale = encode(None, None, [OutMetric("bdSeq", DataType.INT64, 3)])
+            edge.client.publish(edge.topic("NDEATH"), stale, qos=1).wait_for_publish(5)
+            edge.publish("DDATA", [OutMetric(None, DataType.INT32, 9, alias=1)], "Motor 1")
+            await wait_for(lambda: len(_of(_entries(settings), "DDATA")) == 1, 5, "DATA after it")
+            assert sample(app, SP + "online", level="node") == 1
+            await asyncio.to_thread(edge.die)
+            await wait_for(lambda: len(_of(_entries(settings), "NDEATH")) == 2, 5, "the NDEATH")
+        finally:
+            await asyncio.to_thread(edge.close)
+        assert sample(app, SP + "online", level="node") == 0
+        assert sample(app, SP + "online", level="device") == 0
+        # Node: bdSeq, Node Control/Rebirth, Load; device: Speed.
+        assert sample(app, SP + "stale_metrics") == 4
+        assert sample(app, SP + "deaths_total", level="device") == 2
+    deaths = {e["asset"]: e for e in _of(_entries(settings), "NDEATH")}
+    node, device = f"{unique}.Edge-201", f"{unique}.Edge-201.Motor-201"
+    assert set(deaths) == {node, device}
+    assert deaths[node]["sp.online"] == "0"
+    assert deaths[node]["sp.bdseq"] == "4"
+    assert set(deaths[node]["sp.stale"].split(",")) == {"bdSeq", "Node-20Control.Rebirth", "Load"}
+    assert deaths[device]["sp.stale"] == "Speed"
+
+
+async def test_after_a_restart_entry_seqs_continue_and_nothing_is_taken_for_a_duplicate(
+    make_settings: Callable[..., Settings], unique: str
+) -> None:
+    settings = _settings(make_settings, unique)
+    for run in range(2):
+        async with running_bridge(settings) as app:
+            edge = await _edge(app, settings)
+            try:
+                edge.birth([])
+                _device_birth(edge)
+                for value in range(10):
+                    _ddata(edge, value)
+                await wait_for(lambda: len(_of(_entries(settings), "DDATA")) == 10 * (run + 1),  # noqa: B023
+                               10, "10 entries")  # fmt: skip
+            finally:
+                await asyncio.to_thread(edge.close)
+            assert sample(app, SP + "entries_duplicate_total") == 0
+    device = [e for e in _entries(settings) if e["asset"].endswith("Motor-201")]
+    assert [int(e["seq"]) for e in device] == list(range(22))
