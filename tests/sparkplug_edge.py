@@ -97,3 +97,4 @@ class EdgeNode:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        self.client._reset_sockets()  # paho closes them only when the client is collected

@@ -215,7 +215,7 @@ class SparkplugSession:
                 await self._handshake(client, filters)
         except (TimeoutError, ConnectionError, SourceUnavailable) as exc:
             client.disconnect()
-            await asyncio.to_thread(pump.join)
+            await _finish(pump, client)
             if isinstance(exc, SourceUnavailable):
                 raise
             raise SourceUnavailable(f"{s.host}:{s.port}: {exc or type(exc).__name__}") from exc
@@ -269,7 +269,7 @@ class SparkplugSession:
                 stopping.cancel()
             if not self._lost.is_set():
                 await self._go_offline()
-            await asyncio.to_thread(pump.join)
+            await _finish(pump, self._client)
 
     async def _state_offline(self) -> None:
         """STATE offline at the time of the stop, once, and wait for its PUBACK."""
@@ -502,6 +502,14 @@ def _text(value: bytes | str) -> str:
 def _settle(future: asyncio.Future[Any] | None, result: Any) -> None:
     if future is not None and not future.done():
         future.set_result(result)
+
+
+async def _finish(pump: threading.Thread, client: mqtt.Client | None) -> None:
+    """Wait for the network thread of a connection that ended, then close the client's sockets:
+    paho closes them only when the client is collected, and a reference cycle may delay that."""
+    await asyncio.to_thread(pump.join)
+    if client is not None:
+        client._reset_sockets()
 
 
 def _pump(client: mqtt.Client) -> None:

@@ -68,6 +68,7 @@ class Observer:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+        self.client._reset_sockets()  # paho closes them only when the client is collected
 
 
 def _retained(url: str, topic: str, client_id: str) -> list[State]:
