@@ -1,0 +1,320 @@
+"""Anomalies: query the anomaly stream by asset, detector and time window, and follow it live
+over Server-Sent Events.
+
+The time window is that of the entry ids (Redis time when the worker wrote the event), so a
+window is one XRANGE, not a scan of the whole stream; each event also carries the device time
+(`ts`) of the sample that raised it.
+
+Live: one reader per gateway process (XREAD BLOCK on the anomaly stream, started with the first
+client, stopped with the last) hands each new event to every client whose filter it matches,
+through a per-client buffer of `BUFFER_EVENTS`. A client that reads slower than events arrive
+fills its buffer; it then gets what the buffer held and an `overflow` event naming the last id
+it got, and the stream ends. Every event is sent with its entry id as the SSE `id`, so an
+EventSource reconnects with `Last-Event-ID` and the gateway sends what it missed from Redis
+first: a slow client loses nothing and never makes the gateway hold more than the bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated
+
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Header, HTTPException, Query, status
+from redis.exceptions import RedisError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
+
+from config.settings import BackoffSettings
+from gateway.admin_http import AdminRoute
+from gateway.admin_models import Anomaly, AnomalyPage, Subscribers
+from gateway.admin_redis import newest_id, read_after, read_range, text
+from gateway.context import GatewayContext
+from observability.lifecycle import Backoff
+
+log = logging.getLogger(__name__)
+
+BUFFER_EVENTS = 256  # per client, in this process
+MAX_CLIENTS = 64  # live clients per process; one more is answered 503
+READ_COUNT = 500  # entries per XREAD / XRANGE
+BLOCK_MS = 1000  # below the Redis client's socket timeout
+SCAN_BUDGET = 20_000
+PING_S = 15  # keeps proxies from closing a quiet stream
+
+ENTRY_ID = r"^\d+(-\d+)?$"
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def to_anomaly(entry_id: str, raw: dict[str, bytes]) -> Anomaly:
+    fields = {name: text(value) for name, value in raw.items()}
+    return Anomaly(
+        id=entry_id, event=fields.get("event", ""), asset=fields.get("asset", ""),
+        route=fields.get("route", ""), detector=fields.get("detector", ""),
+        value_name=fields.get("value_name", ""), value=_number(fields.get("value")),
+        bound=_number(fields.get("bound")), score=_number(fields.get("score")),
+        ts=_number(fields.get("ts")), severity=fields.get("severity", ""),
+        stream=fields.get("stream", ""), source_id=fields.get("source_id", ""),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    asset: str | None = None
+    detector: str | None = None
+
+    def __call__(self, anomaly: Anomaly) -> bool:
+        return (self.asset is None or anomaly.asset == self.asset) and (
+            self.detector is None or anomaly.detector == self.detector
+        )
+
+
+def _window_bound(value: datetime | None, default: str) -> str:
+    return default if value is None else str(int(value.timestamp() * 1000))
+
+
+def _after(entry_id: str) -> str:
+    return f"({entry_id}"
+
+
+@dataclass(eq=False, slots=True)
+class Subscriber:
+    wanted: Wanted
+    events: deque[Anomaly] = field(default_factory=deque)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    overflowed: bool = False
+
+    def offer(self, anomaly: Anomaly) -> bool:
+        """Buffer an event; False when the buffer is full (the client is then cut off)."""
+        if len(self.events) >= BUFFER_EVENTS:
+            self.overflowed = True
+            self.ready.set()
+            return False
+        self.events.append(anomaly)
+        self.ready.set()
+        return True
+
+
+class AnomalyHub:
+    """One XREAD loop per process, fanned out to bounded per-client buffers."""
+
+    def __init__(self, redis: aioredis.Redis, key: str, backoff: BackoffSettings) -> None:
+        self._redis = redis
+        self._key = key
+        self._backoff = Backoff(backoff)
+        self._subscribers: set[Subscriber] = set()
+        self._reader: asyncio.Task[None] | None = None
+        self._position = "$"
+        self._starting = asyncio.Lock()
+        self.cut_off_total = 0
+
+    @property
+    def connected(self) -> int:
+        return len(self._subscribers)
+
+    async def subscribe(self, wanted: Wanted) -> Subscriber:
+        if len(self._subscribers) >= MAX_CLIENTS:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                                f"{MAX_CLIENTS} live clients already", headers={"Retry-After": "5"})  # fmt: skip
+        async with self._starting:
+            if self._reader is None:
+                # Fix the start before the client hears it is subscribed: anything written
+                # after that reaches it.
+                self._position = await newest_id(self._redis, self._key) or "0-0"
+                self._reader = asyncio.create_task(self._read(), name="anomaly-stream-reader")
+            subscriber = Subscriber(wanted)
+            self._subscribers.add(subscriber)
+            return subscriber
+
+    async def unsubscribe(self, subscriber: Subscriber) -> None:
+        self._subscribers.discard(subscriber)
+        if not self._subscribers and self._reader is not None:
+            reader, self._reader = self._reader, None
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _read(self) -> None:
+        failing = False
+        while True:
+            try:
+                entries = await read_after(
+                    self._redis, self._key, self._position, READ_COUNT, BLOCK_MS
+                )
+            except RedisError as exc:
+                if not failing:
+                    log.warning(
+                        "redis unavailable, live anomalies paused", extra={"error": str(exc)}
+                    )
+                failing = True
+                await asyncio.sleep(self._backoff.next_delay())
+                continue
+            if failing:
+                log.info("redis available again, live anomalies resumed")
+                failing = False
+                self._backoff.reset()
+            for entry_id, fields in entries:
+                self._position = entry_id
+                self._fan_out(to_anomaly(entry_id, fields))
+
+    def _fan_out(self, anomaly: Anomaly) -> None:
+        for subscriber in list(self._subscribers):
+            if subscriber.wanted(anomaly) and not subscriber.offer(anomaly):
+                self._subscribers.discard(subscriber)
+                self.cut_off_total += 1
+                log.info("live anomaly client cut off: its buffer was full",
+                         extra={"buffer_events": BUFFER_EVENTS})  # fmt: skip
+
+
+class Anomalies:
+    def __init__(self, ctx: GatewayContext) -> None:
+        self._redis = ctx.redis
+        self._key = ctx.keys.anomalies
+        self.hub = AnomalyHub(ctx.redis, self._key, ctx.settings.backoff)
+
+    async def page(
+        self, wanted: Wanted, since: datetime | None, until: datetime | None, cursor: str | None,
+        count: int,
+    ) -> AnomalyPage:  # fmt: skip
+        start = _after(cursor) if cursor else _window_bound(since, "-")
+        end = _window_bound(until, "+")
+        items: list[Anomaly] = []
+        scanned = 0
+        while scanned < SCAN_BUDGET:
+            chunk = await read_range(self._redis, self._key, start, end, READ_COUNT)
+            for entry_id, fields in chunk:
+                scanned += 1
+                anomaly = to_anomaly(entry_id, fields)
+                start = _after(anomaly.id)
+                if wanted(anomaly):
+                    items.append(anomaly)
+                    if len(items) == count:
+                        return AnomalyPage(items=items, next_cursor=anomaly.id)
+            if len(chunk) < READ_COUNT:
+                return AnomalyPage(items=items, next_cursor=None)
+        return AnomalyPage(items=items, next_cursor=start[1:])
+
+    async def backlog(self, wanted: Wanted, after: str) -> AsyncIterator[Anomaly]:
+        """Every event after `after` (an EventSource's Last-Event-ID), read from Redis."""
+        start = _after(after)
+        while True:
+            chunk = await read_range(self._redis, self._key, start, "+", READ_COUNT)
+            for entry_id, fields in chunk:
+                anomaly = to_anomaly(entry_id, fields)
+                start = _after(anomaly.id)
+                if wanted(anomaly):
+                    yield anomaly
+            if len(chunk) < READ_COUNT:
+                return
+
+    async def live(
+        self, subscriber: Subscriber, last_event_id: str | None
+    ) -> AsyncIterator[ServerSentEvent]:
+        """The events of one client: what it missed (after `last_event_id`), then new ones."""
+        wanted = subscriber.wanted
+        sent = (0, -1)
+        try:
+            yield ServerSentEvent(event="ready", data="{}", retry=2000)
+            if last_event_id is not None:
+                async for anomaly in self.backlog(wanted, last_event_id):
+                    sent = _key(anomaly.id)
+                    yield _event(anomaly)
+            while True:
+                await subscriber.ready.wait()
+                subscriber.ready.clear()
+                while subscriber.events:
+                    anomaly = subscriber.events.popleft()
+                    if _key(anomaly.id) > sent:  # not already sent from the backlog
+                        sent = _key(anomaly.id)
+                        yield _event(anomaly)
+                if subscriber.overflowed:
+                    resume = f"{sent[0]}-{sent[1]}" if sent[0] else None
+                    yield ServerSentEvent(
+                        event="overflow",
+                        data=json.dumps({"detail": f"more than {BUFFER_EVENTS} events waited for "
+                                         "this client; reconnect with Last-Event-ID",
+                                         "last_event_id": resume}),
+                    )  # fmt: skip
+                    return
+        finally:
+            await self.hub.unsubscribe(subscriber)
+
+
+def _key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _event(anomaly: Anomaly) -> ServerSentEvent:
+    return ServerSentEvent(id=anomaly.id, event="anomaly", data=anomaly.model_dump_json())
+
+
+Asset = Annotated[str | None, Query(description="Only this asset.")]
+Detector = Annotated[str | None, Query(description="Only this detector (threshold, rate, ...).")]
+
+
+def anomaly_router(ctx: GatewayContext) -> APIRouter:
+    anomalies = Anomalies(ctx)
+    router = APIRouter(prefix="/api/v1/anomalies", tags=["anomalies"], route_class=AdminRoute)
+
+    @router.get("", response_model=AnomalyPage, summary="Query anomalies")
+    async def query_anomalies(
+        asset: Asset = None,
+        detector: Detector = None,
+        since: Annotated[datetime | None, Query(description="Written at or after (RFC 3339 or epoch seconds).")] = None,
+        until: Annotated[datetime | None, Query(description="Written at or before.")] = None,
+        cursor: Annotated[str | None, Query(pattern=ENTRY_ID, description="next_cursor of the previous page.")] = None,
+        count: Annotated[int, Query(gt=0, le=1000)] = 100,
+    ) -> AnomalyPage:  # fmt: skip
+        """Anomaly events oldest first within the window (by when the worker wrote them), for
+        one asset and/or detector. A page ends at `count` items or 20,000 entries read."""
+        return await anomalies.page(Wanted(asset, detector), since, until, cursor, count)
+
+    @router.get(
+        "/stream",
+        summary="Live anomalies (Server-Sent Events)",
+        response_class=EventSourceResponse,
+        responses={
+            200: {
+                "description": "`text/event-stream`: `event: ready` once subscribed, then one "
+                "`event: anomaly` per new event (`id` = its entry id, `data` = an Anomaly as "
+                "JSON); `event: overflow` and the end of the stream when the client fell "
+                f"{BUFFER_EVENTS} events behind (reconnect with `Last-Event-ID`).",
+                "content": {"text/event-stream": {"example": 'event: anomaly\nid: 1767225601000-0\ndata: {"asset": "a1", ...}\n\n'}},
+            },
+            503: {"description": f"{MAX_CLIENTS} clients already follow the stream."},
+        },
+    )  # fmt: skip
+    async def stream_anomalies(
+        asset: Asset = None,
+        detector: Detector = None,
+        last_event_id: Annotated[str | None, Header(pattern=ENTRY_ID, description="Resume after this event id (an EventSource sends it when it reconnects).")] = None,
+    ) -> EventSourceResponse:  # fmt: skip
+        subscriber = await anomalies.hub.subscribe(Wanted(asset, detector))
+        events = anomalies.live(subscriber, last_event_id)
+        # The generator unsubscribes when it ends; the background task covers a client gone
+        # before the first event was sent (the generator then never starts).
+        return EventSourceResponse(
+            events, ping=PING_S, background=BackgroundTask(anomalies.hub.unsubscribe, subscriber)
+        )
+
+    @router.get("/stream/clients", response_model=Subscribers, summary="Live clients")
+    async def stream_clients() -> Subscribers:
+        """Clients following the live stream in this gateway process, and how many were cut off."""
+        hub = anomalies.hub
+        return Subscribers(connected=hub.connected, cut_off_total=hub.cut_off_total,
+                           buffer_events=BUFFER_EVENTS)  # fmt: skip
+
+    return router
