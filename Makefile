@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Real servers for the integration tests (promtool from Debian's prometheus package, and
-# faketime for the clock-skew tests):
+# faketime for the clock-skew tests, chromium for the web UI tests):
 # installed with apt-get when missing and we are root.
 services:
 	@missing=""; \
@@ -23,6 +23,7 @@ services:
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v faketime >/dev/null || missing="$$missing faketime"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing:$$missing"; \

@@ -359,7 +359,13 @@ def _with_simulator(settings: Settings, values: dict[str, Any]) -> Settings:
 @app.command()
 def audit(
     acked: Annotated[
-        Path, typer.Option(help="The file `simulate --acked` wrote.", exists=True, dir_okay=False)
+        list[Path],
+        typer.Option(
+            help="The file `simulate --acked` wrote; repeated for the files of one run's "
+            "processes (Locust's workers).",
+            exists=True,
+            dir_okay=False,
+        ),
     ],
     config: ConfigOption = None,
     accept_reason: Annotated[
@@ -381,9 +387,9 @@ def audit(
 
     settings = _settings(config)
     try:
-        loaded = acked_file.load(acked)
+        loaded = acked_file.load_all(acked)
     except (OSError, ValueError, KeyError) as exc:
-        typer.echo(f"{acked}: cannot read: {exc}", err=True)
+        typer.echo(f"{' '.join(map(str, acked))}: cannot read: {exc}", err=True)
         raise typer.Exit(2) from exc
     name = loaded.header.get("route")
     route = next((r for r in settings.bridge.routes if r.name == name), settings.bridge.routes[0])

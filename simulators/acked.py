@@ -30,7 +30,7 @@ from typing import Any, TextIO
 from simulators.acklog import FORMAT, AckLog, write_records
 from simulators.audit import UNCONFIRMED, Entry, SeqSet, entry_field
 
-__all__ = ["FORMAT", "AckLog", "Acked", "epoch_key", "load", "write", "write_header"]
+__all__ = ["FORMAT", "AckLog", "Acked", "epoch_key", "load", "load_all", "write", "write_header"]
 
 
 def write_header(out: TextIO, header: Mapping[str, Any]) -> None:
@@ -88,11 +88,32 @@ class Acked:
 
 def load(path: str | Path) -> Acked:
     """Read an `--acked` file (ValueError when it is not one)."""
+    return load_all([path])
+
+
+def load_all(paths: Iterable[str | Path]) -> Acked:
+    """Read the `--acked` files of one run's processes (each with its own assets) as one; the
+    first file's header stands for them all (ValueError when one is not an acked file or names
+    another route)."""
+    loaded: Acked | None = None
+    for path in paths:
+        loaded = _read(path, loaded)
+    if loaded is None:
+        raise ValueError("no acked file")
+    return loaded
+
+
+def _read(path: str | Path, loaded: Acked | None) -> Acked:
     with Path(path).open(encoding="utf-8") as lines:
         header = json.loads(next(lines, "{}"))
         if header.get("format") != FORMAT:
             raise ValueError(f"{path}: not an acked file (format {header.get('format')!r})")
-        loaded = Acked(header)
+        if loaded is None:
+            loaded = Acked(header)
+        elif header.get("route") != loaded.header.get("route"):
+            raise ValueError(
+                f"{path}: route {header.get('route')!r}, not {loaded.header.get('route')!r}"
+            )
         for line in lines:
             record = json.loads(line)
             asset = record["asset"]
