@@ -1,4 +1,5 @@
-# iotbridge: one image for the bridge, the worker and the simulator (`iotbridge <command>`).
+# iotbridge: one image for the bridge, the worker and the simulator (`iotbridge <command>`);
+# built with EXTRAS=load it also runs Locust (compose's load profile).
 # Build: docker build -t iotbridge . (compose.yaml builds it). Runs as an unprivileged user.
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -6,8 +7,10 @@ WORKDIR /app
 
 # Dependencies in their own layer, read from pyproject.toml alone: rebuilt only when it changes,
 # not on every source edit.
+# EXTRAS: optional dependency groups too, comma-separated (compose's load profile: `load`).
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+ARG EXTRAS=""
+RUN python -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = [d for e in filter(None, os.environ.get('EXTRAS', '').split(',')) for d in p['optional-dependencies'][e]]; print('\n'.join(p['dependencies'] + extras))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt

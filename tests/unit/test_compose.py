@@ -70,7 +70,7 @@ def _seconds(duration: str) -> float:
 
 
 def test_compose_file_is_valid_with_its_secrets_set() -> None:
-    for profile in ([], ["--profile", "sim"]):
+    for profile in ([], ["--profile", "sim"], ["--profile", "load"]):
         result = _config({**_without_secrets(), **SECRETS}, *profile)
         assert result.returncode == 0, result.stderr
 
@@ -223,3 +223,30 @@ def test_the_image_runs_iotbridge_as_a_non_root_user() -> None:
     # The spool directory exists in the image, owned by that user, so a new named volume mounted
     # there inherits the ownership.
     assert "/var/lib/iotbridge/spool" in dockerfile
+
+
+def test_the_load_profile_runs_a_locust_master_on_loopback_and_scalable_workers() -> None:
+    result = subprocess.run(
+        [str(_compose_binary()), "-f", str(ROOT / "compose.yaml"), "--profile", "load",
+         "config", "--format", "json"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+        env={**_without_secrets(), **SECRETS},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)["services"]
+    master, worker = found["locust-master"], found["locust-worker"]
+    assert master["profiles"] == worker["profiles"] == ["load"]
+    assert master["entrypoint"] == worker["entrypoint"] == ["locust"]
+    assert master["command"][:3] == ["-f", "simulators/locustfile.py", "--master"]
+    assert worker["command"][:3] == ["-f", "simulators/locustfile.py", "--worker"]
+    assert [(p["host_ip"], p["published"], p["target"]) for p in master["ports"]] == [
+        ("127.0.0.1", "8089", 8089)
+    ]
+    assert "ports" not in worker
+    assert worker["command"][-2:] == ["--master-host", "locust-master"]
+    assert worker["deploy"]["replicas"] >= 2
+    assert master["build"]["args"] == worker["build"]["args"] == {"EXTRAS": "load"}
+    for service in (master, worker):
+        assert service["healthcheck"]["test"]
+        assert service["deploy"]["resources"]["limits"]["cpus"]
+        assert service["environment"]["IOTBRIDGE_MQTT__USERNAME"] == "simulator"
