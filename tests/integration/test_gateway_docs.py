@@ -11,6 +11,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -95,7 +96,7 @@ async def test_docs_render_offline_and_try_it_out_stores(make_settings, unique, 
         finally:
             await browser.close()
 
-    entries = await redis.xrange(keys.telemetry("telemetry"), "-", "+")
+    entries: Any = await redis.xrange(keys.telemetry("telemetry"), "-", "+")
     await redis.aclose()
     assert len(entries) == 1
     assert entries[0][1][b"seq"] == b"7"
