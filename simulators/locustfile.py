@@ -12,7 +12,8 @@
   latency (`E2E`, `<route> stored`) and messages missing from a device's seq run for longer than
   `--probe-grace` (`E2E`, `<route> missing`, a failure).
 
-Device ids never collide between workers: worker w owns `a{w * devices-per-worker + 1}` onward,
+Device ids never collide between workers: worker w owns the `--devices-per-worker` ids from
+`--first-device + w * devices-per-worker` on (index 0 is `a000001`),
 and a user takes a free block of `--devices-per-user` of them (a stopped user's block, with its
 devices' seq counters, goes to the next user). `--acked FILE` writes what the broker acknowledged
 (or the gateway stored), per process (`FILE.w<index>` on a worker), for `iotbridge audit --acked`.
@@ -76,6 +77,9 @@ def add_options(parser: Any) -> None:
                         help="Seconds a QoS 1 publish may wait for its PUBACK.")  # fmt: skip
     parser.add_argument("--devices-per-worker", type=int, default=100_000, include_in_web_ui=False,
                         help="Device ids reserved per worker (worker w starts at w times this).")  # fmt: skip
+    parser.add_argument("--first-device", type=int, default=0, include_in_web_ui=False,
+                        help="Index of the first device id (0: a000001), so that runs side by side "
+                        "do not publish as the same assets.")  # fmt: skip
     parser.add_argument("--gateway-url", default="http://127.0.0.1:8000",
                         help="The HTTP gateway of GatewayUser.")  # fmt: skip
     parser.add_argument("--gateway-token", default="", is_secret=True,
@@ -98,6 +102,7 @@ class LoadOptions:
     qos: int
     puback_timeout_s: float
     devices_per_worker: int
+    first_device: int
     gateway_url: str
     gateway_token: str
     gateway_bulk: int
@@ -113,7 +118,7 @@ class LoadOptions:
             raise ValueError("Locust was started without its command line options")
         options = cls(
             int(o.devices_per_user), float(o.device_rate), int(o.qos), float(o.puback_timeout),
-            int(o.devices_per_worker), str(o.gateway_url), str(o.gateway_token),
+            int(o.devices_per_worker), int(o.first_device), str(o.gateway_url), str(o.gateway_token),
             int(o.gateway_bulk), float(o.probe_grace), str(o.iotbridge_config), str(o.acked),
         )  # fmt: skip
         options.check()
@@ -130,6 +135,8 @@ class LoadOptions:
             raise ValueError("--puback-timeout and --probe-grace must be > 0")
         if self.devices_per_worker < self.devices_per_user:
             raise ValueError("--devices-per-worker must be at least --devices-per-user")
+        if self.first_device < 0:
+            raise ValueError("--first-device must be >= 0")
         if not 0 <= self.gateway_bulk <= 10_000:
             raise ValueError("--gateway-bulk must be 0..10000")
 
@@ -171,10 +178,10 @@ class Devices:
     blocks: dict[int, DeviceBlock] = field(default_factory=dict)
     free: list[int] = field(default_factory=list)
     next_slot: int = 0
-    shape: tuple[int, int] | None = None  # (devices per user, worker) the blocks were made for
+    shape: tuple[int, int, int] | None = None  # (per user, first, worker) of the blocks
 
     def take(self, environment: Environment, options: LoadOptions) -> tuple[int, DeviceBlock]:
-        shape = (options.devices_per_user, worker_index(environment))
+        shape = (options.devices_per_user, options.first_device, worker_index(environment))
         if shape != self.shape:
             self.blocks.clear()
             self.free.clear()
@@ -197,7 +204,8 @@ class Devices:
     def _block(environment: Environment, options: LoadOptions, slot: int) -> DeviceBlock:
         settings = settings_of(options.config)
         count = options.devices_per_user
-        first = worker_index(environment) * options.devices_per_worker + slot * count
+        first = (options.first_device + worker_index(environment) * options.devices_per_worker
+                 + slot * count)  # fmt: skip
         simulator = settings.simulator.model_copy(
             update={"rate_hz": options.device_rate, "anomaly_rate": 0.0}
         )

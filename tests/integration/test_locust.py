@@ -6,6 +6,10 @@ gevent's monkeypatching never reaches the test process.
    0 failures, an Aggregated row with requests, and the audit of every PUBACK: lost 0.
 2. During a run, the master's `/stats/requests` reports 2 workers and a rising total.
 3. The web UI during that run, in headless Chromium: the route's row is shown; a screenshot.
+4. The step ramp shape adds users step by step and ends the run.
+5. The spike shape jumps to its peak and back.
+6. GatewayUser against `iotbridge gateway`, single and NDJSON bulk: 0 failures, the entries in
+   Redis are the readings answered "stored", and the audit finds each once.
 """
 
 from __future__ import annotations
@@ -169,9 +173,13 @@ def stats_rows(path: Path) -> dict[tuple[str, str], dict[str, str]]:
 
 
 def audit(pipeline: Pipeline, files: list[Path]) -> tuple[int, dict[str, Any]]:
+    return audit_files(pipeline.config, files)
+
+
+def audit_files(config: Path, files: list[Path]) -> tuple[int, dict[str, Any]]:
     args = [a for f in files for a in ("--acked", str(f))]
     done = subprocess.run(
-        [sys.executable, "-m", "bridge.cli", "audit", *args, "--config", str(pipeline.config)],
+        [sys.executable, "-m", "bridge.cli", "audit", *args, "--config", str(config)],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.stdout, done.stderr
@@ -244,7 +252,7 @@ def ui_run(
     web_port = free_port()
     run = LocustRun(pipeline, workdir, [
         "--web-host", "127.0.0.1", "--web-port", str(web_port), "--autostart", "--autoquit", "0",
-        "-u", "5", "-r", "5", "-t", "60s", "--devices-per-user", "50",
+        "-u", "5", "-r", "5", "-t", "60s", "--devices-per-user", "50", "--first-device", "500000",
         "MqttFleetUser", "TelemetryProbeUser",
     ], workers=2)  # fmt: skip
     run.start()
@@ -345,3 +353,66 @@ def test_5_spike_jumps_to_its_peak_and_back(pipeline: Pipeline, tmp_path: Path) 
     assert 1 in counts[:peak], counts
     assert 1 in counts[peak:], counts
     assert max(counts) == 5
+
+
+def test_6_gateway_user_stores_what_the_gateway_answers_stored(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """GatewayUser against `iotbridge gateway`: one reading a POST, then NDJSON bulk of 10: 0
+    failures, and the entries in Redis are the readings answered "stored", each once."""
+    import redis
+
+    from tests.gateway_process import GatewayProcess
+
+    prefix = "t" + uuid.uuid4().hex[:10]
+    gateway = GatewayProcess(tmp_path / "gateway", redis_url=redis_url, name=prefix).start()
+    config = tmp_path / "settings.yaml"
+    config.write_text(yaml.safe_dump({"redis": {"url": redis_url, "key_prefix": prefix}}))
+    env = {**os.environ, "IOTBRIDGE_LOAD_GATEWAY_TOKEN": gateway.token("*")}
+    stored = 0
+    try:
+        # Each run's devices start at seq 0: the second run has devices of its own.
+        for name, bulk, seconds, first in (
+            ("single", "0", "6s", "0"),
+            ("bulk", "10", "8s", "1000"),
+        ):
+            workdir = tmp_path / name
+            workdir.mkdir()
+            argv = [locust_binary(), "-f", str(LOCUSTFILE), "--iotbridge-config", str(config),
+                    "--headless", "-u", "2", "-r", "2", "-t", seconds, "--csv", str(workdir / "run"),
+                    "--gateway-url", gateway.url, "--gateway-bulk", bulk, "--devices-per-user",
+                    "50", "--device-rate", "2", "--acked", str(workdir / "acked.jsonl"),
+                    "--stop-timeout", "10", "--json-file", str(workdir / "stats"), "--first-device", first,
+                    "GatewayUser"]  # fmt: skip
+            with (workdir / "locust.log").open("wb") as log:
+                done = subprocess.run(argv, cwd=REPO, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, timeout=60, check=False)  # fmt: skip
+            output = (workdir / "locust.log").read_text(errors="replace")
+            assert done.returncode == 0, output
+            # The JSON file is written once every user has stopped (the CSV's last write may
+            # come before the requests of users finishing their task).
+            rows = {(r["method"], r["name"]): r
+                    for r in json.loads((workdir / "stats.json").read_text())}  # fmt: skip
+            row = rows[("POST", "telemetry" if bulk == "0" else "telemetry bulk")]
+            assert row["num_requests"] > 0, rows
+            assert sum(r["num_failures"] for r in rows.values()) == 0, (rows, output)
+            header = json.loads((workdir / "acked.jsonl").read_text().splitlines()[0])
+            assert header["gateway_duplicate"] == 0
+            if bulk == "0":
+                assert header["gateway_stored"] == row["num_requests"], header
+            else:  # 10 readings a request, and each device's last few when its user stops
+                assert row["num_requests"] < header["gateway_stored"] <= 10 * row["num_requests"]
+            stored += header["gateway_stored"]
+        client = redis.Redis.from_url(redis_url)
+        try:
+            assert client.xlen(f"{prefix}:tel:telemetry") == stored
+        finally:
+            client.close()
+        code, report = audit_files(
+            config, [tmp_path / n / "acked.jsonl" for n in ("single", "bulk")]
+        )
+        assert code == 0, report
+        assert (report["lost"], report["duplicated"], report["unexpected"]) == (0, 0, 0), report
+        assert report["acked"] == report["found"] == stored
+    finally:
+        gateway.stop()
