@@ -17,7 +17,6 @@ first: a slow client loses nothing and never makes the gateway hold more than th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections import deque
@@ -139,16 +138,17 @@ class AnomalyHub:
             return subscriber
 
     async def unsubscribe(self, subscriber: Subscriber) -> None:
+        # The reader ends by itself within BLOCK_MS once nobody listens. Not cancelled: a
+        # cancelled XREAD task of redis-py went on reading until the client's connection closed
+        # (seen with a cut-off client), and the client's stream waited for it.
         self._subscribers.discard(subscriber)
-        if not self._subscribers and self._reader is not None:
-            reader, self._reader = self._reader, None
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
 
     async def _read(self) -> None:
         failing = False
         while True:
+            if not self._subscribers:
+                self._reader = None
+                return
             try:
                 entries = await read_after(
                     self._redis, self._key, self._position, READ_COUNT, BLOCK_MS
