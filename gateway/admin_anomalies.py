@@ -91,9 +91,15 @@ def _after(entry_id: str) -> str:
 @dataclass(eq=False, slots=True)
 class Subscriber:
     wanted: Wanted
+    start: str  # the last entry before this client's first event
     events: deque[Anomaly] = field(default_factory=deque)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     overflowed: bool = False
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+        self.ready.set()
 
     def offer(self, anomaly: Anomaly) -> bool:
         """Buffer an event; False when the buffer is full (the client is then cut off)."""
@@ -117,6 +123,7 @@ class AnomalyHub:
         self._reader: asyncio.Task[None] | None = None
         self._position = "$"
         self._starting = asyncio.Lock()
+        self.closing = False
         self.cut_off_total = 0
 
     @property
@@ -124,6 +131,9 @@ class AnomalyHub:
         return len(self._subscribers)
 
     async def subscribe(self, wanted: Wanted) -> Subscriber:
+        if self.closing:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the gateway is stopping",
+                                headers={"Retry-After": "5"})  # fmt: skip
         if len(self._subscribers) >= MAX_CLIENTS:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                                 f"{MAX_CLIENTS} live clients already", headers={"Retry-After": "5"})  # fmt: skip
@@ -133,9 +143,17 @@ class AnomalyHub:
                 # after that reaches it.
                 self._position = await newest_id(self._redis, self._key) or "0-0"
                 self._reader = asyncio.create_task(self._read(), name="anomaly-stream-reader")
-            subscriber = Subscriber(wanted)
+            subscriber = Subscriber(wanted, self._position)
             self._subscribers.add(subscriber)
             return subscriber
+
+    def close(self) -> None:
+        """End every live stream now (`event: closing`): the gateway is stopping, and an open
+        stream would otherwise hold its HTTP server until the graceful-shutdown timeout."""
+        self.closing = True
+        for subscriber in self._subscribers:
+            subscriber.close()
+        self._subscribers.clear()
 
     async def unsubscribe(self, subscriber: Subscriber) -> None:
         # The reader ends by itself within BLOCK_MS once nobody listens. Not cancelled: a
@@ -224,7 +242,7 @@ class Anomalies:
     ) -> AsyncIterator[ServerSentEvent]:
         """The events of one client: what it missed (after `last_event_id`), then new ones."""
         wanted = subscriber.wanted
-        sent = (0, -1)
+        sent = _key(last_event_id or subscriber.start)
         try:
             yield ServerSentEvent(event="ready", data="{}", retry=2000)
             if last_event_id is not None:
@@ -239,13 +257,20 @@ class Anomalies:
                     if _key(anomaly.id) > sent:  # not already sent from the backlog
                         sent = _key(anomaly.id)
                         yield _event(anomaly)
+                resume = f"{sent[0]}-{sent[1]}"
                 if subscriber.overflowed:
-                    resume = f"{sent[0]}-{sent[1]}" if sent[0] else None
                     yield ServerSentEvent(
                         event="overflow",
                         data=json.dumps({"detail": f"more than {BUFFER_EVENTS} events waited for "
                                          "this client; reconnect with Last-Event-ID",
                                          "last_event_id": resume}),
+                    )  # fmt: skip
+                    return
+                if subscriber.closed:
+                    yield ServerSentEvent(
+                        event="closing",
+                        data=json.dumps({"detail": "the gateway is stopping; reconnect with "
+                                         "Last-Event-ID", "last_event_id": resume}),
                     )  # fmt: skip
                     return
         finally:
@@ -265,8 +290,20 @@ Asset = Annotated[str | None, Query(description="Only this asset.")]
 Detector = Annotated[str | None, Query(description="Only this detector (threshold, rate, ...).")]
 
 
+# The live streams of each gateway (by its context), for close_live_streams.
+_HUBS: dict[int, AnomalyHub] = {}
+
+
+def close_live_streams(ctx: GatewayContext) -> None:
+    """End the gateway's live anomaly streams: call it before stopping the HTTP server."""
+    hub = _HUBS.pop(id(ctx), None)
+    if hub is not None:
+        hub.close()
+
+
 def anomaly_router(ctx: GatewayContext) -> APIRouter:
     anomalies = Anomalies(ctx)
+    _HUBS[id(ctx)] = anomalies.hub
     router = APIRouter(prefix="/api/v1/anomalies", tags=["anomalies"], route_class=AdminRoute)
 
     @router.get("", response_model=AnomalyPage, summary="Query anomalies")

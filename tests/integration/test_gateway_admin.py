@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from config.keys import Keys
 from config.settings import Settings
+from gateway.admin import close_live_streams
 from gateway.admin_anomalies import BUFFER_EVENTS
 from gateway.server import GatewayApp
 from tests.clients import wait_for
@@ -314,6 +315,17 @@ async def test_anomaly_query_and_live_stream(make_settings, unique, redis) -> No
         assert [json.loads(e["data"])["detector"] for e in missed] == ["rate", "threshold"]
         assert missed[1]["id"] != written.decode()
         await wait_for(lambda: app_clients(http), 10, "the clients to be gone")
+
+        # Stopping: a live stream is told and ends, so it does not hold the server's stop.
+        async with http.stream("GET", "/api/v1/anomalies/stream") as last:
+            events = sse_events(last)
+            assert (await anext(events))["event"] == "ready"
+            close_live_streams(app.context)
+            async with asyncio.timeout(10):
+                rest = [event async for event in events]
+        assert [e["event"] for e in rest] == ["closing"]
+        assert json.loads(rest[0]["data"])["last_event_id"] == written.decode()
+        assert (await http.get("/api/v1/anomalies/stream")).status_code == 503
 
 
 async def app_clients(http: httpx.AsyncClient) -> bool:
