@@ -22,6 +22,7 @@ from bridge.sink import RedisSink, redis_client
 from config.errors import SinkUnavailable
 from config.keys import Keys
 from config.settings import Settings
+from gateway.admin import close_live_streams
 from gateway.app import create_app
 from gateway.commit import GroupCommit
 from gateway.context import GatewayContext
@@ -104,6 +105,7 @@ class GatewayApp:
                 stopped = asyncio.ensure_future(stop.wait())
                 await asyncio.wait([stopped, serving], return_when=asyncio.FIRST_COMPLETED)
                 stopped.cancel()
+                close_live_streams(self.context)  # an open SSE stream would hold the stop
                 server.should_exit = True
                 await serving
                 writer_stop.set()

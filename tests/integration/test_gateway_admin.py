@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import socket
 import time
@@ -326,6 +327,26 @@ async def test_anomaly_query_and_live_stream(make_settings, unique, redis) -> No
         assert [e["event"] for e in rest] == ["closing"]
         assert json.loads(rest[0]["data"])["last_event_id"] == written.decode()
         assert (await http.get("/api/v1/anomalies/stream")).status_code == 503
+
+
+async def test_stop_ends_live_streams(make_settings, unique, caplog) -> None:
+    gateway = running_gateway(gateway_settings(make_settings, unique))
+    app = await gateway.__aenter__()
+    stopping: asyncio.Task[bool | None] | None = None
+    try:
+        async with client(app) as http, http.stream("GET", "/api/v1/anomalies/stream") as live:
+            events = sse_events(live)
+            assert (await anext(events))["event"] == "ready"
+            stopping = asyncio.create_task(gateway.__aexit__(None, None, None))
+            async with asyncio.timeout(15):
+                rest = [event async for event in events]
+                await stopping
+    finally:
+        if stopping is None:
+            await gateway.__aexit__(None, None, None)
+    assert [e["event"] for e in rest] == ["closing"]
+    # The server stopped without waiting out its graceful-shutdown timeout on the stream.
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def app_clients(http: httpx.AsyncClient) -> bool:
