@@ -11,7 +11,8 @@ through a per-client buffer of `BUFFER_EVENTS`. A client that reads slower than 
 fills its buffer; it then gets what the buffer held and an `overflow` event naming the last id
 it got, and the stream ends. Every event is sent with its entry id as the SSE `id`, so an
 EventSource reconnects with `Last-Event-ID` and the gateway sends what it missed from Redis
-first: a slow client loses nothing and never makes the gateway hold more than the bound.
+first: a slow client loses nothing and never makes the gateway hold more than the bound. When the
+gateway stops, `close_live_streams` ends every stream with `event: closing` the same way.
 """
 
 from __future__ import annotations
@@ -328,7 +329,8 @@ def anomaly_router(ctx: GatewayContext) -> APIRouter:
                 "description": "`text/event-stream`: `event: ready` once subscribed, then one "
                 "`event: anomaly` per new event (`id` = its entry id, `data` = an Anomaly as "
                 "JSON); `event: overflow` and the end of the stream when the client fell "
-                f"{BUFFER_EVENTS} events behind (reconnect with `Last-Event-ID`).",
+                f"{BUFFER_EVENTS} events behind, `event: closing` when the gateway stops (both "
+                "name `last_event_id`: reconnect with `Last-Event-ID`).",
                 "content": {"text/event-stream": {"example": 'event: anomaly\nid: 1767225601000-0\ndata: {"asset": "a1", ...}\n\n'}},
             },
             503: {"description": f"{MAX_CLIENTS} clients already follow the stream."},

@@ -23,6 +23,7 @@ from gateway.admin import close_live_streams
 from gateway.admin_anomalies import BUFFER_EVENTS
 from gateway.server import GatewayApp
 from tests.clients import wait_for
+from tests.services import redis_service, require
 from workers.anomaly import AnomalyEvent, Event
 
 pytestmark = pytest.mark.integration
@@ -106,6 +107,15 @@ async def test_admin_token_is_required(make_settings, unique) -> None:
         for path, op in admin_ops:
             assert {"adminToken": []} in op["security"], path
             assert "401" in op["responses"], path
+            # A typed answer with an example (the SSE stream's is its text/event-stream example).
+            ok = op["responses"].get("200") or op["responses"]["204"]
+            examples = []
+            for media in ok.get("content", {}).values():
+                schema = media.get("schema", {})
+                ref = schema.get("items", schema).get("$ref", "")
+                component = spec["components"]["schemas"].get(ref.split("/")[-1], {})
+                examples += [*component.get("examples", []), *media.get("example", [])]
+            assert examples or "content" not in ok, path  # 204: no content
 
     no_token = gateway_settings(make_settings, unique, gateway={"admin_token": None})
     async with running_gateway(no_token) as app, client(app) as http:
@@ -347,6 +357,37 @@ async def test_stop_ends_live_streams(make_settings, unique, caplog) -> None:
     assert [e["event"] for e in rest] == ["closing"]
     # The server stopped without waiting out its graceful-shutdown timeout on the stream.
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_redis_away_is_503_with_retry_after(make_settings, unique, tmp_path) -> None:
+    own = require(redis_service(tmp_path), "redis-server").start()
+    settings = gateway_settings(make_settings, unique, redis={"url": f"redis://127.0.0.1:{own.port}/0",
+                                                              "key_prefix": unique})  # fmt: skip
+    try:
+        async with running_gateway(settings) as app, client(app) as http:
+            topic = f"{unique}/plant/s1/l1/a1/telemetry"
+            await app.ingestor.ingest(topic, b"not json")
+            letter = (await http.get("/api/v1/dead-letters")).json()["items"][0]["id"]
+            own.kill()
+            for method, path in [("GET", "/api/v1/dead-letters"), ("GET", "/api/v1/streams"),
+                                 ("GET", "/api/v1/anomalies"), ("GET", "/api/v1/anomalies/stream"),
+                                 ("POST", f"/api/v1/dead-letters/{letter}/replay"),
+                                 ("DELETE", f"/api/v1/dead-letters/{letter}")]:  # fmt: skip
+                answer = await http.request(method, path)
+                assert answer.status_code == 503, (method, path, answer.text)
+                assert int(answer.headers["retry-after"]) >= 1
+            replay = await http.post("/api/v1/dead-letters/replay", json={})
+            assert replay.status_code == 503
+            # Back (empty: this Redis keeps nothing on disk): the same requests work again.
+            own.start()
+            await wait_for(lambda: dead_letters_answer(http), 15, "the admin API to answer again")
+            assert (await http.get("/api/v1/streams")).status_code == 200
+    finally:
+        own.stop()
+
+
+async def dead_letters_answer(http: httpx.AsyncClient) -> bool:
+    return (await http.get("/api/v1/dead-letters")).status_code == 200
 
 
 async def app_clients(http: httpx.AsyncClient) -> bool:
