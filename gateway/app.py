@@ -13,15 +13,15 @@ import json
 import math
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.admin import admin_router
 from gateway.context import GatewayContext, IngestOutcome, Unavailable
@@ -142,10 +142,6 @@ def _retry_after(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
-def _problem(status: int, error: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": error}, status, headers=headers)
-
-
 _RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "No token, or not a valid one (WWW-Authenticate: Bearer)."},
     403: {"model": Problem, "description": "The token is not valid for this topic's asset."},
@@ -176,8 +172,22 @@ def _request_body_schema() -> dict[str, Any]:
 # --- the app ----------------------------------------------------------------------------------------
 
 
+# An answer: status, extra headers, JSON body.
+Answer = tuple[int, dict[str, str], bytes]
+
+
+def _json(status: int, body: object, headers: dict[str, str] | None = None) -> Answer:
+    return status, headers or {}, json.dumps(body, separators=(",", ":")).encode()
+
+
+def _refuse(status: int, error: str, headers: dict[str, str] | None = None) -> Answer:
+    return _json(status, {"error": error}, headers)
+
+
 class _Ingest:
-    """The ingest endpoint's state and answers."""
+    """The ingest endpoint, apart from any web framework: headers and body chunks in, an Answer
+    out. Served by `IngestFastPath` ahead of FastAPI's router, and by the FastAPI route (which
+    documents it in /openapi.json) for whatever reaches the router."""
 
     def __init__(
         self, ctx: GatewayContext, ingestor: Ingestor, tokens: TokenStore, metrics: GatewayMetrics
@@ -188,16 +198,18 @@ class _Ingest:
         self.tokens = tokens
         self.metrics = metrics
         self.throttle = FailureThrottle(gw.auth_failures, gw.auth_penalty_ms / 1000)
+        # Labelled children looked up once, not per request.
+        self._requests: dict[tuple[str, int], Any] = {}
+        self._duration = {e: metrics.duration.labels(e) for e in ("ingest", "bulk")}
+        self._messages: dict[tuple[str, str], Any] = {}
 
-    async def authorize(
-        self, request: Request, credentials: HTTPAuthorizationCredentials | None, asset: str | None
-    ) -> JSONResponse | None:
+    async def authorize(self, authorization: str, client: str, asset: str | None) -> Answer | None:
         """None when the bearer token may post for `asset` (None: no route, any valid token);
         otherwise the 401 or 403 to answer, after the failing client's penalty delay."""
-        client = request.client.host if request.client else "unknown"
+        scheme, _, token = authorization.strip().partition(" ")
         record: TokenRecord | None = None
-        if credentials is not None and credentials.scheme.lower() == "bearer":
-            record = await self.tokens.check(credentials.credentials)
+        if scheme.lower() == "bearer" and token:
+            record = await self.tokens.check(token.strip())
         if record is not None and (asset is None or record.allows(asset)):
             self.throttle.succeeded(client)
             return None
@@ -207,74 +219,79 @@ class _Ingest:
         if delay:
             await asyncio.sleep(delay)
         if status == 401:
-            return _problem(401, "a valid device token is required", _CHALLENGE)
-        return _problem(403, f"this token is not valid for asset {asset!r}")
+            return _refuse(401, "a valid device token is required", _CHALLENGE)
+        return _refuse(403, f"this token is not valid for asset {asset!r}")
 
     async def handle(
-        self, topic: str, request: Request, credentials: HTTPAuthorizationCredentials | None
-    ) -> Response:
+        self, topic: str, headers: Mapping[str, str], chunks: AsyncIterator[bytes], client: str
+    ) -> Answer:
+        """`headers`: lower-case names."""
         started = time.perf_counter()
-        ctype = request.headers.get("content-type", "application/json")
-        media = ctype.split(";", 1)[0].strip().lower()
+        media = headers.get("content-type", "application/json").split(";", 1)[0].strip().lower()
         bulk = media in _NDJSON_TYPES
         endpoint = "bulk" if bulk else "ingest"
         route_asset = self.ingestor.asset_of(topic)
         route = route_asset[0] if route_asset else UNROUTED
-        refusal = await self.authorize(request, credentials, route_asset and route_asset[1])
-        response: Response
+        asset = route_asset[1] if route_asset else None
+        refusal = await self.authorize(headers.get("authorization", ""), client, asset)
+        answer: Answer
         if refusal is not None:
-            response = refusal
+            answer = refusal
         elif not bulk and media not in _JSON_TYPES and not media.endswith("+json"):
-            response = _problem(415, f"Content-Type {media!r}: send application/json or "
-                                f"{NDJSON}")  # fmt: skip
+            answer = _refuse(415, f"Content-Type {media!r}: send application/json or {NDJSON}")
         else:
-            response = await self._ingest(topic, route, request, bulk)
-        self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        self.metrics.duration.labels(endpoint).observe(time.perf_counter() - started)
-        return response
+            encoding = headers.get("content-encoding", "").strip().lower()
+            answer = await self._ingest(topic, route, encoding, chunks, bulk)
+        counter = self._requests.get((endpoint, answer[0]))
+        if counter is None:
+            counter = self._requests[endpoint, answer[0]] = self.metrics.requests.labels(
+                endpoint, str(answer[0])
+            )
+        counter.inc()
+        self._duration[endpoint].observe(time.perf_counter() - started)
+        return answer
 
-    async def _ingest(self, topic: str, route: str, request: Request, bulk: bool) -> Response:
+    async def _ingest(
+        self, topic: str, route: str, encoding: str, chunks: AsyncIterator[bytes], bulk: bool
+    ) -> Answer:
         settings = self.ctx.settings
         limit = settings.gateway.max_bulk_bytes if bulk else settings.bridge.max_payload_bytes
-        encoding = request.headers.get("content-encoding", "").strip().lower()
         try:
-            body = await read_body(request.stream(), encoding, limit)
+            body = await read_body(chunks, encoding, limit)
         except BadEncoding as exc:
-            return _problem(415, str(exc))
+            return _refuse(415, str(exc))
         except BodyTooLarge as exc:
             if bulk:
-                return _problem(413, f"bulk body over gateway.max_bulk_bytes ({limit} bytes)")
+                return _refuse(413, f"bulk body over gateway.max_bulk_bytes ({limit} bytes)")
             # What was read (limit + 1 bytes) fails the contract's size check first: the same
             # dead letter (reason size) as over MQTT, then 413.
-            read = exc.read
-            return await self._answer(route, lambda: self.ingestor.ingest(topic, read), 413)
+            return await self._answer(route, topic, exc.read, 413)
         if bulk:
             return await self._bulk(topic, route, body)
-        return await self._answer(route, lambda: self.ingestor.ingest(topic, body), 422)
+        return await self._answer(route, topic, body, 422)
 
-    async def _answer(self, route: str, store: Callable[[], Any], rejected_status: int) -> Response:
+    async def _answer(self, route: str, topic: str, body: bytes, rejected_status: int) -> Answer:
         try:
-            outcome: IngestOutcome = await store()
+            outcome = await self.ingestor.ingest(topic, body)
         except RateLimited as exc:
-            return _problem(429, exc.detail, _retry_after(exc.retry_after_s))
+            return _refuse(429, exc.detail, _retry_after(exc.retry_after_s))
         except Unavailable as exc:
-            return _problem(503, exc.detail, _retry_after(exc.retry_after_s))
+            return _refuse(503, exc.detail, _retry_after(exc.retry_after_s))
         self._count(route, [outcome])
         if outcome.status == "rejected":
-            return JSONResponse({"reason": outcome.reason, "error": outcome.error},
-                                rejected_status)  # fmt: skip
-        return JSONResponse({"status": outcome.status, "id": outcome.id})
+            return _json(rejected_status, {"reason": outcome.reason, "error": outcome.error})
+        return _json(200, {"status": outcome.status, "id": outcome.id})
 
-    async def _bulk(self, topic: str, route: str, body: bytes) -> Response:
+    async def _bulk(self, topic: str, route: str, body: bytes) -> Answer:
         lines = [line for line in body.split(b"\n") if line.strip(b"\r")]
         most = self.ctx.settings.gateway.max_bulk_lines
         if len(lines) > most:
-            return _problem(413, f"{len(lines)} lines: at most {most} a request "
-                            "(gateway.max_bulk_lines)")  # fmt: skip
+            return _refuse(413, f"{len(lines)} lines: at most {most} a request "
+                           "(gateway.max_bulk_lines)")  # fmt: skip
         try:
             outcomes = await self.ingestor.ingest_many(topic, [ln.rstrip(b"\r") for ln in lines])
         except Unavailable as exc:
-            return _problem(503, exc.detail, _retry_after(exc.retry_after_s))
+            return _refuse(503, exc.detail, _retry_after(exc.retry_after_s))
         self._count(route, outcomes)
         results = [{k: v for k, v in (("status", o.status), ("id", o.id), ("reason", o.reason),
                                       ("error", o.error)) if v is not None}
@@ -282,13 +299,66 @@ class _Ingest:
         counts = {
             s: sum(o.status == s for o in outcomes) for s in ("stored", "duplicate", "rejected")
         }
-        return JSONResponse({**counts, "results": results})
+        return _json(200, {**counts, "results": results})
 
     def _count(self, route: str, outcomes: list[IngestOutcome]) -> None:
         for outcome in outcomes:
-            self.metrics.messages.labels(route, outcome.status).inc()
+            counter = self._messages.get((route, outcome.status))
+            if counter is None:
+                counter = self._messages[route, outcome.status] = self.metrics.messages.labels(
+                    route, outcome.status
+                )
+            counter.inc()
             if outcome.reason is not None:
                 self.metrics.rejected.labels(route, outcome.reason).inc()
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class IngestFastPath:
+    """ASGI middleware answering `POST /api/v1/topics/...` itself, ahead of FastAPI's router.
+
+    Measured under cProfile at 64 connections: FastAPI's routing, dependency resolution and
+    Request/Response objects cost more than twice the ingest handler's own time; devices post
+    every reading, so their endpoint skips them. Everything else goes to the app.
+    """
+
+    PREFIX = "/api/v1/topics/"
+
+    def __init__(self, app: ASGIApp, ingest: _Ingest) -> None:
+        self.app = app
+        self.ingest = ingest
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or scope["method"] != "POST" or not path.startswith(self.PREFIX):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        client = scope.get("client")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _Disconnected
+                yield message.get("body", b"")
+                if not message.get("more_body", False):
+                    return
+
+        try:
+            status, extra, body = await self.ingest.handle(
+                path[len(self.PREFIX) :], headers, chunks(), client[0] if client else "unknown"
+            )
+        except _Disconnected:
+            return
+        response = [(b"content-type", b"application/json"),
+                    (b"content-length", b"%d" % len(body)),
+                    *((k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items())]  # fmt: skip
+        await send({"type": "http.response.start", "status": status, "headers": response})
+        await send({"type": "http.response.body", "body": body})
 
 
 def ingest_router(ingest: _Ingest) -> APIRouter:
@@ -319,7 +389,12 @@ def ingest_router(ingest: _Ingest) -> APIRouter:
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
     ) -> Response:
-        return await ingest.handle(topic, request, credentials)
+        # Served by IngestFastPath; this route documents the endpoint, and serves the same
+        # handler should a request reach the router.
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        client = request.client.host if request.client else "unknown"
+        status, extra, body = await ingest.handle(topic, headers, request.stream(), client)
+        return Response(body, status, headers=extra, media_type="application/json")
 
     return router
 
@@ -351,7 +426,10 @@ def create_app(
         "operators use the admin endpoints with the admin token.",
     )
     tokens = TokenStore(ctx.redis, ctx.keys.gateway_tokens, ctx.settings.gateway.token_refresh_s)
-    app.include_router(ingest_router(_Ingest(ctx, ingestor, tokens, metrics)))
+    ingest = _Ingest(ctx, ingestor, tokens, metrics)
+    app.include_router(ingest_router(ingest))
+    app.add_middleware(IngestFastPath, ingest=ingest)
+    app.state.ingest = ingest  # gateway.server puts IngestFastPath in front of the whole app too
     app.include_router(admin_router(ctx))
     http = ctx.settings.http
     auth = None

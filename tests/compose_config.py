@@ -25,11 +25,13 @@ PASSWORDS = {
     "REDIS_BRIDGE_PASSWORD": "bridgeSecret3",
     "REDIS_WORKER_PASSWORD": "workerSecret4",
     "REDIS_ADMIN_PASSWORD": "adminSecret5",
+    "REDIS_GATEWAY_PASSWORD": "gatewaySecret6",
 }
 # The Redis users of compose's ACL and the variable that holds each one's password.
 REDIS_PASSWORDS = {
     "bridge": "REDIS_BRIDGE_PASSWORD",
     "worker": "REDIS_WORKER_PASSWORD",
+    "gateway": "REDIS_GATEWAY_PASSWORD",
     "admin": "REDIS_ADMIN_PASSWORD",
 }
 

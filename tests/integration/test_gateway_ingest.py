@@ -447,3 +447,47 @@ def test_64_clients_posting_while_redis_is_killed_and_restarted_every_200_is_sto
     assert gw.total("iotbridge_gateway_requests_total", m, status="503") == tally["503"]
     assert gw.total("iotbridge_gateway_messages_total", m, outcome="stored") == tally["stored"]
     assert gw.total("iotbridge_gateway_write_errors_total", m) >= 1
+
+
+# --- 7. as compose deploys it: its own Redis ACL user ---------------------------------------------
+
+
+def test_the_gateway_works_as_its_compose_redis_user_and_is_refused_the_rest(
+    tmp_path: Path, unique: str
+) -> None:
+    from tests.compose_config import PASSWORDS, redis_with_compose_acl
+
+    db = redis_with_compose_acl(tmp_path, unique).start()
+    gw = GatewayProcess(tmp_path / "gateway", name=unique,
+                        redis_url=f"redis://127.0.0.1:{db.port}/0",
+                        env={"IOTBRIDGE_REDIS__USERNAME": "gateway",
+                             "IOTBRIDGE_REDIS__PASSWORD": PASSWORDS["REDIS_GATEWAY_PASSWORD"]})  # fmt: skip
+    try:
+        gw.start()
+        token = gw.token("acl-*")  # `token create` as the gateway's user
+        with httpx.Client(timeout=30, headers=auth(token)) as http:
+            ok = http.post(url(gw, topic("acl-1")), content=payload(1), headers=JSON)
+            assert ok.status_code == 200, ok.text
+            bad = http.post(url(gw, topic("acl-1")), content=b"{", headers=JSON)
+            assert bad.status_code == 422
+            again = http.post(url(gw, topic("acl-1")), content=payload(2), headers=NDJSON)
+            assert again.json()["stored"] == 1
+        assert gw.cli("token", "list").returncode == 0
+        admin = redis_py.Redis(port=db.port, username="admin",
+                               password=PASSWORDS["REDIS_ADMIN_PASSWORD"])  # fmt: skip
+        keys = Keys(unique)
+        assert admin.xlen(keys.telemetry("telemetry")) == 2
+        assert admin.xlen(keys.dead_letters) == 1
+        user = redis_py.Redis(port=db.port, username="gateway",
+                              password=PASSWORDS["REDIS_GATEWAY_PASSWORD"])  # fmt: skip
+        for refused in (lambda: user.delete(keys.telemetry("telemetry")),
+                        lambda: user.xdel(keys.telemetry("telemetry"), "0-1"),
+                        user.flushall, lambda: user.keys("*"),
+                        lambda: user.xadd(keys.anomalies, {"x": "1"})):  # fmt: skip
+            with pytest.raises(redis_py.exceptions.NoPermissionError):
+                refused()
+        admin.close()
+        user.close()
+    finally:
+        gw.stop()
+        db.stop()

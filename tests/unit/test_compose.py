@@ -23,6 +23,8 @@ SECRETS = {
     "REDIS_WORKER_PASSWORD": "notarealsecret2",
     "REDIS_ADMIN_PASSWORD": "notarealsecret3",
     "GRAFANA_ADMIN_PASSWORD": "notarealsecret4",
+    "REDIS_GATEWAY_PASSWORD": "notarealsecret5",
+    "GATEWAY_ADMIN_TOKEN": "not-a-real-admin-token",
 }
 BRIDGES = ("bridge-1", "bridge-2")
 
@@ -88,6 +90,8 @@ def test_compose_services_run_the_same_commands_as_the_tests() -> None:
     for bridge in BRIDGES:
         assert found[bridge]["command"] == ["bridge"]
     assert found["worker"]["command"] == ["worker"]
+    assert found["gateway"]["command"] == ["gateway"]
+    assert found["gateway"]["ports"][0]["target"] == 8000
     assert found["simulator"]["command"][0] == "simulate"
     assert found["simulator"]["profiles"] == ["sim"]
     raw = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
@@ -184,19 +188,20 @@ def test_redis_runs_with_aof_noeviction_maxmemory_and_acl_users() -> None:
     assert "--maxmemory" in command
     acl = model()["configs"]["redis-acl"]["content"]
     users = {line.split()[1]: line for line in acl.splitlines() if line.startswith("user ")}
-    assert set(users) == {"default", "bridge", "worker", "admin"}
+    assert set(users) == {"default", "bridge", "worker", "gateway", "admin"}
     assert "nopass" in users["default"]
     assert "+ping" in users["default"]
     assert "~*" not in users["default"]
-    for user in ("bridge", "worker", "admin"):
+    for user in ("bridge", "worker", "gateway", "admin"):
         env_secret = {"bridge": "REDIS_BRIDGE_PASSWORD", "worker": "REDIS_WORKER_PASSWORD",
-                      "admin": "REDIS_ADMIN_PASSWORD"}[user]  # fmt: skip
+                      "gateway": "REDIS_GATEWAY_PASSWORD", "admin": "REDIS_ADMIN_PASSWORD"}[user]  # fmt: skip
         assert f">{SECRETS[env_secret]}" in users[user]
-    for user in ("bridge", "worker"):
+    for user in ("bridge", "worker", "gateway"):
         assert "~*" not in users[user].split()
         assert "+@all" not in users[user]
     assert services()["bridge-1"]["environment"]["IOTBRIDGE_REDIS__USERNAME"] == "bridge"
     assert services()["worker"]["environment"]["IOTBRIDGE_REDIS__USERNAME"] == "worker"
+    assert services()["gateway"]["environment"]["IOTBRIDGE_REDIS__USERNAME"] == "gateway"
 
 
 def test_the_broker_runs_the_shipped_conf_with_password_and_acl_files() -> None:
