@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -29,6 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.intake import Intake, Pending
+from bridge.partitions import PartitionedSource
 from bridge.retention import Retention
 from bridge.sink import RedisSink
 from bridge.source import Inbound, MqttSource
@@ -69,13 +71,21 @@ class BridgeApp:
         self.keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
         self.intake = Intake(settings.bridge, self.keys)
         self.sink = RedisSink(settings.redis, self.intake.write_keys)
-        self.source = MqttSource(
-            settings.mqtt,
-            self.intake.routes.subscriptions(settings.bridge.shared_group),
-            self._receive,
-            self.metrics,
-            Backoff(settings.backoff),
-        )
+        self.source: MqttSource | PartitionedSource
+        if settings.bridge.partitions:
+            # One session per partition owned (leases in Redis), for a fleet of bridges.
+            self.source = PartitionedSource(
+                settings, self.intake.routes, self._receive, self.metrics
+            )
+            self.source.watch(self._unacknowledged)
+        else:
+            self.source = MqttSource(
+                settings.mqtt,
+                self.intake.routes.subscriptions(settings.bridge.shared_group),
+                self._receive,
+                self.metrics,
+                Backoff(settings.backoff),
+            )
         spool_dir = settings.bridge.spool.dir
         self.spool = None if spool_dir is None else Spool(
             spool_dir, settings.bridge.spool.max_bytes, settings.bridge.spool.segment_bytes
@@ -120,6 +130,13 @@ class BridgeApp:
 
     def in_flight(self) -> int:
         return sum(len(b.items) for b in self.batches) + len(self.pending)
+
+    def _unacknowledged(self) -> Iterator[Inbound]:
+        for batch in self.batches:
+            for item in batch.items:
+                yield item.inbound
+        for item in self.pending:
+            yield item.inbound
 
     def oldest_unacked_age_s(self) -> float:
         oldest = (
@@ -482,9 +499,11 @@ class BridgeApp:
                     tasks.create_task(self.sparkplug.run(stop), name="sparkplug-host")
                 writer = tasks.create_task(self._write_loop(writer_stop), name="writer")
                 tasks.create_task(retention.run(writer_stop), name="retention")
-                remember = tasks.create_task(self._remember_filters(), name="remember-filters")
+                if isinstance(self.source, MqttSource):  # partitions remember their own
+                    remember = tasks.create_task(self._remember_filters(), name="remember-filters")
                 await stop.wait()
-                remember.cancel()
+                if isinstance(self.source, MqttSource):
+                    remember.cancel()
                 await self._drain(writer, writer_stop)
         except ConfigError as exc:
             log.error("refusing to start: %s", exc)  # noqa: TRY400 -- the message is the answer

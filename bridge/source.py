@@ -70,8 +70,12 @@ class MqttSource:
         on_message: Callable[[Inbound], None],
         metrics: BridgeMetrics,
         backoff: Backoff,
+        lease_valid: Callable[[], bool] | None = None,
     ) -> None:
         self._settings = settings
+        # A partition's session (bridge.partitions): acknowledged and reconnected only while
+        # this bridge holds the partition's lease.
+        self._lease_valid = lease_valid
         self._subscriptions = subscriptions
         self._on_message = on_message
         self._metrics = metrics
@@ -224,6 +228,9 @@ class MqttSource:
         earlier connection are skipped (the broker resends them on this one)."""
         if not self.connected:
             return
+        if self._lease_valid is not None and not self._lease_valid():
+            self._metrics.acks_fenced.inc(len(inbound))
+            return
         generation = self.generation
         self._client.ack_many([m.mid for m in inbound if m.qos == 1 and m.generation == generation])
 
@@ -238,6 +245,11 @@ class MqttSource:
         """Connect, keep the connection alive, reconnect with backoff, until `close()`."""
         self._loop = asyncio.get_running_loop()
         while not self._closing.is_set():
+            if self._lease_valid is not None and not self._lease_valid():
+                # Another bridge may own the partition now: connecting would take its session.
+                log.warning("partition lease lapsed; not reconnecting",
+                            extra={"client_id": self._settings.client_id})  # fmt: skip
+                break
             try:
                 await self._connect()
             except SourceUnavailable as exc:

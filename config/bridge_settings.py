@@ -6,9 +6,10 @@ import re
 import string
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from config.sections import Name, Section
+from config.topic_filters import filter_problem, partition_problems, route_filter
 
 
 class BatchSettings(Section):
@@ -143,6 +144,26 @@ class RouteSettings(Section):
         return self
 
 
+class PartitionSettings(Section):
+    name: Name = Field(
+        description="Partition name; its MQTT session's client id is <mqtt.client_id>-<name>."
+    )
+    filters: list[str] = Field(
+        min_length=1,
+        description="MQTT topic filters (+ and # allowed, no $share) within the route table; "
+        "the partition's session subscribes to them, narrowed to each route they overlap.",
+    )
+
+    @field_validator("filters")
+    @classmethod
+    def _valid_filters(cls, filters: list[str]) -> list[str]:
+        for topic_filter in filters:
+            problem = filter_problem(topic_filter)
+            if problem:
+                raise ValueError(f"{topic_filter!r}: {problem}")
+        return filters
+
+
 def _default_routes() -> list[RouteSettings]:
     return [RouteSettings(name="telemetry", topic="plant/{site}/{line}/{asset}/telemetry")]
 
@@ -158,6 +179,24 @@ class BridgeSettings(Section):
     )
     shared_group: Name | None = Field(
         None, description="Subscribe as $share/<group>/... so several bridges split the load."
+    )
+    partition_coverage: Literal["complete", "declared"] = Field(
+        "complete",
+        description="complete: refuse partitions that leave topics of a route to no partition. "
+        "declared: the partitions' filters are the plant's topic space (its sites, lines); the "
+        "route topics outside them are not subscribed, and the bridge names them at start.",
+    )
+    partition_lease_ttl_s: float = Field(
+        10.0,
+        ge=1.0,
+        description="Lease of a partition: renewed every third of it; a crashed bridge's "
+        "partitions are taken over after it.",
+    )
+    partitions: list[PartitionSettings] = Field(
+        default_factory=list,
+        description="Session partitions: each is one persistent MQTT session, owned by one bridge "
+        "of the fleet at a time through a lease in Redis. Empty: one session with every route's "
+        "filter, no lease (a single bridge).",
     )
     max_payload_bytes: int = Field(
         65_536, gt=0, description="Larger payloads are dead-lettered (reason size) unparsed."
@@ -197,6 +236,24 @@ class BridgeSettings(Section):
     metrics_port: int = Field(9101, ge=0, le=65535, description="Port of the bridge's HTTP server.")
     shutdown_grace_s: float = Field(10.0, gt=0, description="Time allowed to drain on SIGTERM.")
 
+    @field_validator("partitions")
+    @classmethod
+    def _partitions_split_the_routes(
+        cls, partitions: list[PartitionSettings], info: ValidationInfo
+    ) -> list[PartitionSettings]:
+        routes = info.data.get("routes")
+        if routes is None or not partitions:
+            return partitions
+        coverage = info.data.get("partition_coverage", "complete")
+        problems = partition_problems(
+            [(p.name, p.filters) for p in partitions],
+            [(r.name, route_filter(r.topic)) for r in routes],
+            complete=coverage == "complete",
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return partitions
+
     @model_validator(mode="after")
     def _unique_routes(self) -> BridgeSettings:
         names = [route.name for route in self.routes]
@@ -207,4 +264,7 @@ class BridgeSettings(Section):
         for route in self.routes:
             if route.contract != "telemetry" and route.contract not in self.contracts:
                 raise ValueError(f"route {route.name}: no contract named {route.contract!r}")
+        if self.partitions and self.shared_group:
+            raise ValueError("partitions and shared_group exclude each other: a partition's "
+                             "session is its own subscriber")  # fmt: skip
         return self

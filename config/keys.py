@@ -68,6 +68,16 @@ class Keys:
         """The filters a bridge's persistent session was last subscribed to (JSON list)."""
         return f"{self.prefix}:bridge:{client_id}:filters"
 
+    def bridge_lease(self, client_id: str, partition: str) -> str:
+        """Owner of a session partition among the bridges of one client id: `iotbridge:bridge:
+        <client_id>:lease:<partition>` (a string: the owner's name, with a TTL)."""
+        return f"{self.prefix}:bridge:{client_id}:lease:{partition}"
+
+    def bridge_members(self, client_id: str) -> str:
+        """Live bridges sharing one client id's partitions: `iotbridge:bridge:<client_id>:members`
+        (a sorted set of owner names scored by the expiry of their heartbeat, Redis ms)."""
+        return f"{self.prefix}:bridge:{client_id}:members"
+
     @property
     def gateway_tokens(self) -> str:
         """Device tokens of the HTTP gateway: `iotbridge:gateway:tokens` (a hash: token id ->

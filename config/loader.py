@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from config.errors import ConfigError, ConfigProblem
 from config.settings import Settings
+from config.topic_filters import route_filter, uncovered
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -129,4 +130,20 @@ def summary(settings: Settings) -> str:
         f"ok: mqtt {settings.mqtt.host}:{settings.mqtt.port} (MQTT {settings.mqtt.protocol}), "
         f"redis {settings.redis.url.split('@')[-1]}, {len(settings.bridge.routes)} route(s) [{routes}], "
         f"{len(settings.worker.detectors.threshold)} threshold rule(s)"
-    )
+    ) + _partitions_summary(settings)
+
+
+def _partitions_summary(settings: Settings) -> str:
+    bridge = settings.bridge
+    if not bridge.partitions:
+        return ""
+    names = ", ".join(p.name for p in bridge.partitions)
+    line = f", {len(bridge.partitions)} partition(s) [{names}]"
+    if bridge.partition_coverage == "declared":
+        rest = uncovered(
+            [(p.name, p.filters) for p in bridge.partitions],
+            [(r.name, route_filter(r.topic)) for r in bridge.routes],
+        )
+        if rest:
+            line += "; not subscribed (coverage: declared): " + "; ".join(rest)
+    return line

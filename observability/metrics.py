@@ -252,6 +252,30 @@ class BridgeMetrics:
             ["kind"],
             registry=registry,
         )
+        # Session partitions (bridge.partitions); the label is a configured partition name.
+        self.partitions_owned = Gauge(
+            "iotbridge_bridge_partitions_owned",
+            "Session partitions this bridge holds the lease of.",
+            registry=registry,
+        )
+        self.lease_changes = Counter(
+            "iotbridge_bridge_partition_lease_changes_total",
+            "Partition leases acquired, released (handed over, shut down) and lost (lapsed).",
+            ["change"],
+            registry=registry,
+        )
+        self.partition_in_flight = Gauge(
+            "iotbridge_bridge_partition_in_flight_messages",
+            "Messages of a partition received and not yet acknowledged.",
+            ["partition"],
+            registry=registry,
+        )
+        self.acks_fenced = Counter(
+            "iotbridge_bridge_acks_fenced_total",
+            "Messages not acknowledged because their partition's lease had lapsed (the new "
+            "owner receives them again from the broker).",
+            registry=registry,
+        )
 
 
 class SparkplugMetrics:

@@ -225,7 +225,12 @@ class TrackedPublisher:
     """
 
     def __init__(
-        self, url: str, client_id: str, protocol: str = "5", max_inflight: int = 1000
+        self,
+        url: str,
+        client_id: str,
+        protocol: str = "5",
+        max_inflight: int = 1000,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
         parts = urlsplit(url)
         v5 = protocol == "5"
@@ -235,6 +240,8 @@ class TrackedPublisher:
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else False,
         )
+        if credentials is not None:
+            self.client.username_pw_set(*credentials)
         self.client.max_inflight_messages_set(max_inflight)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(1, 2)
@@ -297,6 +304,7 @@ class PacedRun(threading.Thread):
         rate_hz: float,
         max_s: float,
         body: Callable[[int], bytes] = payload,
+        topic_of: Callable[[str], str] = topic,
     ) -> None:
         super().__init__(name="paced-publisher", daemon=True)
         self.publisher = publisher
@@ -304,6 +312,7 @@ class PacedRun(threading.Thread):
         self.rate_hz = rate_hz
         self.max_s = max_s
         self.body = body
+        self.topic_of = topic_of
         self.published = 0
         self.error: Exception | None = None
         self._stop_event = threading.Event()
@@ -318,7 +327,7 @@ class PacedRun(threading.Thread):
                 due = min(len(self.plan), int((now - started) * self.rate_hz) + 1)
                 while self.published < due:
                     asset, seq = self.plan[self.published]
-                    self.publisher.publish(topic(asset), self.body(seq), (asset, seq))
+                    self.publisher.publish(self.topic_of(asset), self.body(seq), (asset, seq))
                     self.published += 1
                 self._stop_event.wait(0.005)
         except Exception as exc:  # noqa: BLE001 -- handed to the test thread by finish()

@@ -92,7 +92,9 @@ class Consumer:
         self._keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
         self._shards = shards_of(self._keys, self._group, settings.telemetry_routes)
         self._engine = engine
-        self._leases = Leases(self._keys, self._group, name, self._shards, worker.lease_ttl_ms)
+        self._leases = Leases(
+            self._keys.worker_members(self._group), name, self._shards, worker.lease_ttl_ms
+        )
         self._metrics = metrics
         self._report = Reporter(metrics, self._group)
         self.owned: dict[str, ShardState] = {}

@@ -1,6 +1,7 @@
-"""Shard ownership: which worker of a group processes which telemetry stream.
+"""Leases in Redis: which member of a group owns which unit of work. Workers own telemetry shards
+(`workers.state.Shard`) this way, bridges own session partitions (`bridge.partitions`).
 
-Each shard (one stream of a route, `workers.state.Shard`) is owned by one worker at a time through a
+Each unit is owned by one member at a time through a
 lease: a key holding the owner's consumer name, taken with SET NX PX `lease_ttl_ms`, renewed by a
 compare-and-set script every third of the TTL, released by a compare-and-delete script on shutdown
 or when rebalancing, and lost when its owner stops renewing it (a crash: after at most the TTL).
@@ -17,11 +18,19 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Sequence
+from typing import Generic, Protocol, TypeVar
 
 from redis.asyncio import Redis
 
-from config.keys import Keys
-from workers.state import Shard
+
+class Leased(Protocol):
+    """A unit of work owned through a lease: the key of its lease."""
+
+    @property
+    def lease(self) -> str: ...
+
+
+T = TypeVar("T", bound=Leased)
 
 # KEYS[1] members; ARGV owner, ttl_ms. Reply: {Redis time in ms, live members}.
 _HEARTBEAT = """
@@ -65,18 +74,16 @@ return n
 """
 
 
-class Leases:
-    """This worker's side of the lease protocol for one group."""
+class Leases(Generic[T]):
+    """One member's side of the lease protocol for one group (`members`: its sorted set)."""
 
-    def __init__(
-        self, keys: Keys, group: str, owner: str, shards: Sequence[Shard], ttl_ms: int
-    ) -> None:
+    def __init__(self, members: str, owner: str, shards: Sequence[T], ttl_ms: int) -> None:
         self.owner = owner
         self.ttl_ms = ttl_ms
-        self._members = keys.worker_members(group)
-        # Rendezvous hashing: a fixed order of preference per worker.
+        self._members = members
+        # Rendezvous hashing: a fixed order of preference per member.
         self.preferred = sorted(
-            shards, key=lambda shard: zlib.crc32(f"{owner}/{shard.stream}".encode())
+            shards, key=lambda shard: zlib.crc32(f"{owner}/{shard.lease}".encode())
         )
 
     def target(self, members: int) -> int:
@@ -88,7 +95,7 @@ class Leases:
         now, members = await client.eval(_HEARTBEAT, 1, self._members, self.owner, self.ttl_ms)
         return int(now), [str(m) for m in members]
 
-    async def renew(self, client: Redis, shards: Sequence[Shard]) -> list[Shard]:
+    async def renew(self, client: Redis, shards: Sequence[T]) -> list[T]:
         """Extend the leases of `shards`; those still held."""
         if not shards:
             return []
@@ -97,7 +104,7 @@ class Leases:
         )
         return [shards[int(i) - 1] for i in held]
 
-    async def acquire(self, client: Redis, candidates: Sequence[Shard], wanted: int) -> list[Shard]:
+    async def acquire(self, client: Redis, candidates: Sequence[T], wanted: int) -> list[T]:
         """Take up to `wanted` free leases among `candidates`, in order."""
         if not candidates or wanted <= 0:
             return []
@@ -107,7 +114,7 @@ class Leases:
         )  # fmt: skip
         return [candidates[int(i) - 1] for i in taken]
 
-    async def release(self, client: Redis, shards: Sequence[Shard]) -> None:
+    async def release(self, client: Redis, shards: Sequence[T]) -> None:
         if shards:
             await client.eval(_RELEASE, len(shards), *(s.lease for s in shards), self.owner)
 
