@@ -22,7 +22,7 @@ from config.settings import Settings
 from gateway.admin import close_live_streams
 from gateway.admin_anomalies import BUFFER_EVENTS
 from gateway.server import GatewayApp
-from tests.clients import wait_for
+from tests.clients import Publisher, running_bridge, wait_for
 from tests.services import redis_service, require
 from workers.anomaly import AnomalyEvent, Event
 
@@ -203,6 +203,36 @@ async def test_replay_after_a_contract_fix_stores_once(make_settings, unique, re
         assert (await http.post(f"/api/v1/dead-letters/{target}/replay")).status_code == 404
         assert await redis.xlen(keys.dead_letters) == 4
         assert (await http.get("/api/v1/dead-letters/not-an-id")).status_code == 422
+
+
+async def test_mqtt_dead_letters_replayed_over_the_gateway(
+    make_settings, unique, mqtt_url, redis
+) -> None:
+    """Dead letters the bridge wrote for MQTT messages, replayed by the gateway after the fix."""
+    keys = Keys(unique)
+    strict = pump_settings(make_settings, unique, flow_max=10)
+    publisher = Publisher(mqtt_url, f"{unique}-pub", strict.mqtt.protocol)
+    try:
+        async with running_bridge(strict):
+            for seq in range(100):
+                publisher.publish(f"{unique}/plant/s1/l1/p{seq % 4}/pump", pump(seq, 50))
+            assert publisher.wait_acked() == 100
+
+            async def dead_lettered() -> bool:
+                return int(await redis.xlen(keys.dead_letters)) == 100
+
+            await wait_for(dead_lettered, 20, "100 dead letters from the bridge")
+    finally:
+        publisher.close()
+    assert await redis.xlen(keys.dead_letters) == 100
+    fixed = pump_settings(make_settings, unique, flow_max=500)
+    async with running_gateway(fixed) as app, client(app) as http:
+        first = (await http.post("/api/v1/dead-letters/replay", json={"route": "pumps"})).json()
+        again = (await http.post("/api/v1/dead-letters/replay", json={"route": "pumps"})).json()
+    assert (first["matched"], first["stored"]) == (100, 100)
+    assert (again["matched"], again["stored"]) == (0, 0)
+    assert await redis.xlen(keys.telemetry("pumps")) == 100
+    assert await redis.xlen(keys.dead_letters) == 0
 
 
 async def test_truncated_dead_letter_is_not_replayed(make_settings, unique, redis) -> None:
