@@ -30,7 +30,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import cast
 
 from redis.asyncio import Redis
@@ -42,8 +42,8 @@ from observability.lifecycle import Backoff, stopped_within
 from observability.metrics import WorkerMetrics
 from workers.anomaly import AnomalyEvent
 from workers.leases import Leases
-from workers.outputs import LeaseLost, Outputs, commit
-from workers.processing import Delivery, process, sweep
+from workers.outputs import LeaseLost, Outputs, Sent, commit, send
+from workers.processing import Delivery, Result, process, sweep
 from workers.reporting import Reporter
 from workers.state import Engine, Shard, ShardState, shards_of
 from workers.streams import (
@@ -63,6 +63,8 @@ TARGET = "redis"
 _BLOCK_MARGIN_MS = 250
 # Errors of failed entries kept for their dead letter; beyond this the oldest are forgotten.
 _MAX_REMEMBERED_ERRORS = 10_000
+# What `_housekeeping` does on a clock.
+_CHORES = ("beat", "claim", "sweep", "report")
 
 
 def consumer_name(worker: WorkerSettings) -> str:
@@ -106,6 +108,8 @@ class Consumer:
         self._errors: dict[tuple[str, str], str] = {}
         self._clock = (0, 0.0)  # (Redis time in ms, time.monotonic() when it was read)
         self._due: dict[str, float] = {}
+        # The write sent and not yet settled: (its reply, the batch, its states, when it began).
+        self._in_flight: tuple[Sent, Result, list[ShardState], float] | None = None
         self._down_since: float | None = None
         self.connected = False
         metrics.connected.labels(target=TARGET).set(0)
@@ -150,6 +154,9 @@ class Consumer:
             # After stop, a batch already read ahead is still processed: it is ours, pending.
             while not stop.is_set() or ahead is not None:
                 with translated():
+                    if self._in_flight is not None and (ahead is None or self._chores_due()):
+                        # Caught up, or about to do something else: the write lands first.
+                        await self._settle(client)
                     await self._housekeeping(client)
                 streams = self._readable()
                 if ahead is None and not streams:
@@ -171,8 +178,17 @@ class Consumer:
                     Delivery(self.owned[s], items) for s, items in reply.items() if s in readable
                 ]
                 if batch:
-                    await self._handle(client, batch)
+                    await self._handle(client, batch, overlap=True)
+            with translated():
+                await self._settle(client)
         finally:
+            if self._in_flight is not None:
+                # Its outcome is unknown: the next session reloads the checkpoints, the truth.
+                sent, _, states, _ = self._in_flight
+                self._in_flight = None
+                for state in states:
+                    state.rollback_all()
+                await sent.abandon(client)
             if ahead is not None:
                 # Its entries, if it got any, are pending for us: the next session replays them.
                 ahead.cancel()
@@ -289,13 +305,57 @@ class Consumer:
                 return
             cursor = page.cursor
 
-    async def _handle(self, client: Redis, deliveries: Sequence[Delivery]) -> None:
+    async def _handle(
+        self, client: Redis, deliveries: Sequence[Delivery], overlap: bool = False
+    ) -> None:
+        """Process `deliveries` and write their outputs. With `overlap` the write is only sent:
+        the next batch is processed while Redis runs it, and its outcome is read before the next
+        write is sent (`_settle`), so at most one write is in flight and writes land in order."""
         # Timed from after the read: a blocking read's wait is idle time, not work.
         started = time.perf_counter()
         result = process(deliveries, self._max_deliveries, self._errors)
-        written = await self._write(client, result.outputs, [d.state for d in deliveries])
-        if not written:
+        states = [d.state for d in deliveries]
+        if not await self._settle(client, states):
             return
+        if not overlap:
+            if await self._write(client, result.outputs, states):
+                self._done(result, started)
+            return
+        try:
+            with translated():
+                sent = await send(
+                    client, self._keys, self._group, self.name, result.outputs, self._dedup_ttl_ms
+                )
+        except BaseException:
+            for state in states:
+                state.rollback()
+            raise
+        for state in states:
+            state.seal()
+        self._in_flight = (sent, result, states, started)
+
+    def _chores_due(self) -> bool:
+        """Whether `_housekeeping` has more to do than look at the clock."""
+        if self._stale or self._recovering:
+            return True
+        now = time.monotonic()
+        return any(now >= self._due.get(task, 0.0) for task in _CHORES)
+
+    async def _settle(self, client: Redis, later: Sequence[ShardState] = ()) -> bool:
+        """Read the outcome of the write in flight, if any. If it did not land, the states of the
+        batches processed since (`later`, not sent) are rolled back with it and their entries,
+        pending for us, are replayed: False."""
+        if self._in_flight is None:
+            return True
+        sent, result, states, started = self._in_flight
+        self._in_flight = None
+        if not await self._outcome(client, sent.settle(client), result.outputs, states, later):
+            return False
+        self._done(result, started)
+        return True
+
+    def _done(self, result: Result, started: float) -> None:
+        """After a batch's write landed: its failed entries remembered, its dead letters logged."""
         for key, error in result.retrying.items():
             if key not in self._errors:
                 log.warning("entry failed, left pending for a retry",
@@ -321,23 +381,33 @@ class Consumer:
 
     async def _write(self, client: Redis, outputs: Outputs, states: Sequence[ShardState]) -> bool:
         """Commit `outputs`; on success the states take the batch, on failure they roll back."""
+        written = commit(client, self._keys, self._group, self.name, outputs, self._dedup_ttl_ms)
+        return await self._outcome(client, written, outputs, states)
+
+    async def _outcome(
+        self, client: Redis, written: Awaitable[dict[Shard, int]], outputs: Outputs,
+        states: Sequence[ShardState], later: Sequence[ShardState] = (),
+    ) -> bool:  # fmt: skip
+        """Await the write of `outputs` (the batch of `states`): on success the states take the
+        batch; on failure they, and the states of the batches processed since (`later`), roll
+        back to their last written batch."""
         try:
             with translated():
-                acked = await commit(
-                    client, self._keys, self._group, self.name, outputs, self._dedup_ttl_ms
-                )
+                acked = await written
         except LeaseLost as lost:
-            for state in states:
-                state.rollback()
+            for state in (*later, *states):
+                state.rollback_all()
             for stream in lost.streams:
                 if stream in self.owned:
                     self._drop(self.owned[stream].shard, "lost")
             # The batch's other shards were not written either: their entries are pending, ours.
-            self._stale.update(s.shard.stream for s in states if s.shard.stream in self.owned)
+            self._stale.update(
+                s.shard.stream for s in (*later, *states) if s.shard.stream in self.owned
+            )
             return False
         except BaseException:
-            for state in states:
-                state.rollback()
+            for state in (*later, *states):
+                state.rollback_all()
             raise
         events: dict[Shard, list[AnomalyEvent]] = {}
         for shard, event in outputs.events:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from bridge.record import entry_key, entry_ms
 from config.errors import PayloadRejected
 from workers.anomaly import AnomalyEvent
+from workers.columns import decode_columns
 from workers.detectors.base import SampleFailed
 from workers.outputs import Outputs
 from workers.sample import Fields, Sample, as_mapping, decode_entry
@@ -98,6 +99,17 @@ def _run(
     )
     # Only a redelivery or a batch run again after a failure can meet a failed entry.
     settle = counts is not None or bool(failed)
+    batch = None if floor is not None or settle else decode_columns(shard.route, entries)
+    if batch is not None:
+        # Every entry well-formed, in one layout: decoded column-wise, all acked with the batch.
+        try:
+            state.feed_columns(batch, events)
+        except SampleFailed as failure:
+            key = (shard.stream, failure.sample.entry_id)
+            raise _EntryFailed(key, str(failure)) from failure.error
+        acks.extend(batch.ids)
+        _done(state, result, entries, len(batch), events)
+        return
     samples: list[Sample] = []
     for entry_id, fields in entries:
         if floor is not None and entry_key(entry_id) <= floor:
@@ -122,7 +134,16 @@ def _run(
     except SampleFailed as failure:
         key = (shard.stream, failure.sample.entry_id)
         raise _EntryFailed(key, str(failure)) from failure.error
-    outputs.processed[shard.route] += len(samples)
+    _done(state, result, entries, len(samples), events)
+
+
+def _done(
+    state: ShardState, result: Result, entries: Sequence[Entry], processed: int,
+    events: list[AnomalyEvent],
+) -> None:  # fmt: skip
+    """A delivery's outputs besides its acks: events, counts, checkpoint and position."""
+    shard, outputs = state.shard, result.outputs
+    outputs.processed[shard.route] += processed
     outputs.events.extend((shard, event) for event in events)
     last_id, watermark = state.last_id, state.watermark_ms
     if entries and entry_key(entries[-1][0]) > entry_key(last_id):

@@ -10,13 +10,15 @@ that sorting them gives the order `ShardState.feed` gives sample by sample.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
 from workers.anomaly import AnomalyEvent
+from workers.columns import Columns, Picked
 from workers.detectors.base import Check, Indexed, Matrix, Round
 from workers.sample import Sample
 
@@ -34,11 +36,54 @@ def run_round(
 ) -> None:  # fmt: skip
     """Feed `samples[p]` for p in `positions` (distinct assets, whose states are `states`, all
     of `plan`, their rows in `table`); append their events, keyed, to `keyed`."""
-    rows = np.fromiter([state.index for state in states], np.intp, len(states))
-    matrix = table.data[rows]  # a copy, written back at the end
     mine = [samples[pos] for pos in positions]
-    whole = Round(mine)
     found = [sample.values for sample in mine]
+
+    def feed(check: Check, columns: Matrix, name: str, rnd: Round, raised: Indexed) -> None:
+        try:
+            values = np.fromiter(map(itemgetter(name), found), np.float64, len(found))
+        except KeyError:
+            _feed_some(check, columns, mine, name, raised)
+        else:
+            check.feed_many(columns, rnd, values, raised)
+
+    _advance(plan, table, _rows(states), Round(mine), feed, positions, keyed)
+
+
+def run_columns(
+    plan: Plan, table: Table, states: Sequence[AssetState], batch: Columns,
+    positions: Sequence[int], keyed: list[Keyed],
+) -> None:  # fmt: skip
+    """`run_round` for the entries of a batch decoded column-wise (`workers.columns`), at
+    `positions` of it (all of them: `range(len(batch))`)."""
+    if len(positions) == len(batch):
+        take = None
+        rnd = Round(Picked(batch, positions), batch.time_s, batch.seq, batch.id_ms, batch.id_seq)
+    else:
+        take = np.fromiter(positions, np.intp, len(positions))
+        rnd = Round(Picked(batch, positions), batch.time_s[take], batch.seq[take],
+                    batch.id_ms[take], batch.id_seq[take])  # fmt: skip
+    present = batch.values
+
+    def feed(check: Check, columns: Matrix, name: str, rnd: Round, raised: Indexed) -> None:
+        values = present.get(name)
+        # Each entry of the batch has the same fields: a value one lacks, all lack.
+        if values is not None:
+            check.feed_many(columns, rnd, values if take is None else values[take], raised)
+
+    _advance(plan, table, _rows(states), rnd, feed, positions, keyed)
+
+
+def _rows(states: Sequence[AssetState]) -> npt.NDArray[np.intp]:
+    return np.fromiter([state.index for state in states], np.intp, len(states))
+
+
+def _advance(
+    plan: Plan, table: Table, rows: npt.NDArray[np.intp], whole: Round,
+    feed: Callable[[Check, Matrix, str, Round, Indexed], None], positions: Sequence[int],
+    keyed: list[Keyed],
+) -> None:  # fmt: skip
+    matrix = table.data[rows]  # a copy, written back at the end
     raised: Indexed = []
     # NaN is "none" in the state: comparisons and arithmetic on it are expected, not errors.
     with np.errstate(all="ignore"):
@@ -49,12 +94,7 @@ def run_round(
             if name is None:
                 check.feed_many(columns, whole, None, raised)
             else:
-                try:
-                    values = np.fromiter(map(itemgetter(name), found), np.float64, len(found))
-                except KeyError:
-                    _feed_some(check, columns, mine, name, raised)
-                else:
-                    check.feed_many(columns, whole, values, raised)
+                feed(check, columns, name, whole, raised)
             if len(raised) != before:
                 keyed.extend(
                     (positions[i], rank, n, event)

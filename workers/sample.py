@@ -84,11 +84,7 @@ def as_mapping(fields: Fields) -> Mapping[str, str]:
 def _decode_flat(route: str, entry_id: str, flat: list[str]) -> Sample | None:
     """The common case straight from the flat list, by the positions of its field layout; None
     for anything unusual, which the mapping path then decodes or explains."""
-    names = tuple(flat[0::2])
-    layout = _layouts.get(names)
-    if layout is None:
-        layout = _layout(names)
-    at_asset, at_seq, at_ts, at_values = layout
+    at_asset, at_seq, at_ts, at_values = layout_of(tuple(flat[0::2]))
     if at_asset < 0:
         return None
     try:
@@ -102,6 +98,13 @@ def _decode_flat(route: str, entry_id: str, flat: list[str]) -> Sample | None:
     if not asset or seq < 0 or not isfinite(time_s + sum(values.values())):
         return None
     return Sample(entry_id, route, asset, seq, ts, time_s, values)
+
+
+def layout_of(names: tuple[str, ...]) -> Layout:
+    """Where the fields named `names` (in the order of a flat list) are; asset -1: not a layout
+    the fast paths decode."""
+    layout = _layouts.get(names)
+    return _layout(names) if layout is None else layout
 
 
 def _layout(names: tuple[str, ...]) -> Layout:

@@ -56,12 +56,17 @@ class Round:
 
     __slots__ = ("_id_ms", "_id_seq", "_seq", "_time_s", "samples")
 
-    def __init__(self, samples: Sequence[Sample]) -> None:
+    def __init__(
+        self, samples: Sequence[Sample], time_s: Vector | None = None, seq: Vector | None = None,
+        id_ms: Vector | None = None, id_seq: Vector | None = None,
+    ) -> None:  # fmt: skip
+        """`samples` may be a lazy sequence (`workers.columns`): the columns given here are then
+        never rebuilt from it."""
         self.samples = samples
-        self._time_s: Vector | None = None
-        self._seq: Vector | None = None
-        self._id_ms: Vector | None = None
-        self._id_seq: Vector | None = None
+        self._time_s = time_s
+        self._seq = seq
+        self._id_ms = id_ms
+        self._id_seq = id_seq
 
     def __len__(self) -> int:
         return len(self.samples)
