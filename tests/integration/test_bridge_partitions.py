@@ -16,16 +16,20 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis as redis_py
+import redis.asyncio as aioredis
 
 from config.keys import Keys
 from simulators.audit import AuditReport, Pair, SeqSet, audit_redis
+from tests.compose_config import PASSWORDS, redis_with_compose_acl
 from tests.faults import ASSET_LEVEL, Bridge, PacedRun, TrackedPublisher, cont_and_stop, redis
 from tests.integration.test_broker import shipped_conf_for_test, wait_for_save
 from tests.services import Service, free_port, mosquitto_binary, require, wait_until
+from workers.leases import Leases
 
 pytestmark = pytest.mark.integration
 
@@ -282,3 +286,36 @@ def test_3_a_third_bridge_joins_and_leaves_while_messages_flow(fleet: Fleet) -> 
         len(messages), 0, 0, 0,
     )  # fmt: skip
     assert takeovers == []  # every hand-over disconnected before the next owner connected
+
+
+# 4. compose's Redis user may hold leases ---------------------------------------------------------
+
+
+async def test_4_the_bridge_user_of_compose_holds_renews_and_releases_partition_leases(
+    tmp_path: Path, unique: str
+) -> None:
+    server = redis_with_compose_acl(tmp_path, unique).start()
+    keys = Keys(unique)
+    client = aioredis.Redis(port=server.port, username="bridge",
+                            password=PASSWORDS["REDIS_BRIDGE_PASSWORD"], decode_responses=True)  # fmt: skip
+    parts = [_Lease(keys.bridge_lease("iotbridge-bridge", f"l{k}")) for k in range(4)]
+    leases = Leases(keys.bridge_members("iotbridge-bridge"), "b1", parts, 3000)
+    try:
+        _now, members = await leases.heartbeat(client)
+        assert members == ["b1"]
+        taken = await leases.acquire(client, parts, 2)
+        assert len(taken) == 2
+        assert await leases.renew(client, taken) == taken
+        await leases.release(client, taken)
+        assert await leases.renew(client, taken) == []
+        await leases.leave(client)
+        with pytest.raises(redis_py.exceptions.NoPermissionError):
+            await client.set(f"{unique}:worker:g:lease:x", "b1")  # only under bridge:*
+    finally:
+        await client.aclose()
+        server.stop()
+
+
+@dataclass(frozen=True)
+class _Lease:
+    lease: str

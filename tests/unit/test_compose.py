@@ -128,14 +128,19 @@ def test_stop_grace_period_outlasts_the_drain() -> None:
         assert _seconds(found[name]["stop_grace_period"]) > drain + 5, name
 
 
-def test_the_bridges_share_a_subscription_group_under_distinct_client_ids_and_spools() -> None:
+def test_the_bridges_run_one_fleet_over_partitions_with_no_shared_group_and_own_spools() -> None:
     found = services()
     envs = [found[b]["environment"] for b in BRIDGES]
-    groups = {env["IOTBRIDGE_BRIDGE__SHARED_GROUP"] for env in envs}
-    assert len(groups) == 1
-    assert None not in groups
-    client_ids = [env["IOTBRIDGE_MQTT__CLIENT_ID"] for env in envs]
-    assert len(set(client_ids)) == len(BRIDGES)
+    assert all("IOTBRIDGE_BRIDGE__SHARED_GROUP" not in env for env in envs)
+    # One client id: the partitions' sessions are <client_id>-<partition>, whichever bridge owns them.
+    assert len({env["IOTBRIDGE_MQTT__CLIENT_ID"] for env in envs}) == 1
+    settings = [
+        Settings(bridge={"partitions": json.loads(env["IOTBRIDGE_BRIDGE__PARTITIONS"]),
+                         "partition_coverage": env["IOTBRIDGE_BRIDGE__PARTITION_COVERAGE"]})
+        for env in envs
+    ]  # fmt: skip
+    assert settings[0] == settings[1]
+    assert len(settings[0].bridge.partitions) >= len(BRIDGES)  # a share for each bridge
     spools = [
         next(v["source"] for v in found[b]["volumes"] if v["target"] == env["IOTBRIDGE_BRIDGE__SPOOL__DIR"])
         for b, env in zip(BRIDGES, envs, strict=True)
