@@ -53,6 +53,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
+from bridge.record import Reason
 from bridge.sink import Append, Dedup, RedisSink
 from bridge.sparkplug import names
 from bridge.sparkplug.host import Host
@@ -375,8 +376,13 @@ class SparkplugSession:
     def _handle(self, batch: list[Received]) -> tuple[list[Append], Outcome]:
         total = Outcome()
         appends: list[Append] = []
+        limit = self.settings.bridge.max_payload_bytes
         for received in batch:
-            out = self.host.handle(received.topic, received.payload, received.received_wall)
+            if len(received.payload) > limit:
+                detail = f"{len(received.payload)} bytes, over {limit}"
+                out = Outcome(refusals=[Refusal(received.topic, Reason.SIZE, detail)])
+            else:
+                out = self.host.handle(received.topic, received.payload, received.received_wall)
             self._appends(out, received, appends)
             total.extend(out)
         out = self.host.expire(time.time())
@@ -385,15 +391,31 @@ class SparkplugSession:
         return appends, total
 
     def _appends(self, out: Outcome, received: Received | None, appends: list[Append]) -> None:
-        rx = repr(received.received_wall if received is not None else time.time())
+        now = received.received_wall if received is not None else time.time()
+        rx = repr(now)
         for entry in out.entries:
-            appends.append(self._entry(entry, rx))
+            problem = self._clock_problem(entry, now)
+            if problem is None:
+                appends.append(self._entry(entry, rx))
+            else:
+                out.refusals.append(Refusal(_entry_topic(entry), Reason.CLOCK, problem))
         for event in out.events:
             self._track(event)
             if not event.online:
                 appends.append(self._death(event, rx))
         for refusal in out.refusals:
             appends.append(self._dead_letter(refusal, received, rx))
+
+    def _clock_problem(self, entry: Entry, now: float) -> str | None:
+        """The bridge's clock window (`bridge.clock`), as for JSON devices; historical values
+        (store and forward) may be older than `max_past_s`, never in the future."""
+        clock = self.settings.bridge.clock
+        if clock.max_future_s is not None and entry.ts > now + clock.max_future_s:
+            return f"ts {entry.ts:.3f} is {entry.ts - now:.0f} s in the future"
+        historical = entry.extra.get("sp.historical") == "1"
+        if not historical and clock.max_past_s is not None and entry.ts < now - clock.max_past_s:
+            return f"ts {entry.ts:.3f} is {now - entry.ts:.0f} s in the past"
+        return None
 
     def _telemetry(self, asset: str, seq: int, ts: float, fields: dict[str, str]) -> Append:
         shard = shard_of(asset, self.keys.shards)
@@ -493,6 +515,15 @@ class SparkplugSession:
                 await connection
         finally:
             await self.sink.close()
+
+
+def _entry_topic(entry: Entry) -> str:
+    """The topic an entry came on (for a dead letter): rebuilt from its type and asset."""
+    try:
+        group, node, *device = names.unescape(entry.asset).split("/")
+    except ValueError:
+        return entry.asset  # a shortened id: not reversible
+    return "/".join(["spBv1.0", group, entry.extra.get("sp.type", ""), node, *device])
 
 
 def _text(value: bytes | str) -> str:

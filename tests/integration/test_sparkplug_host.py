@@ -267,3 +267,36 @@ async def test_after_a_restart_entry_seqs_continue_and_nothing_is_taken_for_a_du
             assert sample(app, SP + "entries_duplicate_total") == 0
     device = [e for e in _entries(settings) if e["asset"].endswith("Motor-201")]
     assert [int(e["seq"]) for e in device] == list(range(22))
+
+
+async def test_an_oversized_message_and_a_future_timestamp_are_dead_lettered_by_reason(
+    make_settings: Callable[..., Settings], unique: str
+) -> None:
+    settings = make_settings(
+        sparkplug={"enabled": True, "host_id": unique, "groups": [unique]},
+        bridge={"max_payload_bytes": 1024},
+    )
+    db = redis.Redis.from_url(settings.redis.url)  # dead letters hold the raw protobuf bytes
+    dlq = Keys(settings.redis.key_prefix).dead_letters
+    async with running_bridge(settings) as app:
+        edge = await _edge(app, settings)
+        try:
+            edge.birth([])
+            _device_birth(edge)
+            edge.publish("DDATA", [OutMetric("Note", DataType.STRING, "x" * 2000)], "Motor 1")
+            ahead_ms = round((time.time() + 3600) * 1000)
+            edge.publish("DDATA", [OutMetric(None, DataType.INT32, 7, alias=1,
+                                             timestamp_ms=ahead_ms)], "Motor 1")  # fmt: skip
+            await wait_for(lambda: db.xlen(dlq) == 2, 5, "two dead letters")
+        finally:
+            await asyncio.to_thread(edge.close)
+        assert sample(app, SP + "messages_rejected_total", reason="size") == 1
+        assert sample(app, SP + "messages_rejected_total", reason="clock") == 1
+    size, clock = ({k.decode(): v if k == b"payload" else v.decode() for k, v in fields.items()}
+                   for _, fields in db.xrange(dlq))  # fmt: skip
+    assert 2000 < len(size["payload"]) <= settings.bridge.dlq_payload_bytes  # the whole message
+    assert (size["reason"], size["route"], size["topic"]) == (
+        "size", "sparkplug", f"spBv1.0/{unique}/DDATA/Edge 1/Motor 1")  # fmt: skip
+    assert (clock["reason"], clock["topic"]) == ("clock", f"spBv1.0/{unique}/DDATA/Edge 1/Motor 1")
+    assert "in the future" in clock["error"]
+    assert _of(_entries(settings), "DDATA") == []
