@@ -296,6 +296,14 @@ class SimulatorSettings(Section):
         description="Connections opened per second over all processes: a connect storm costs the "
         "broker far more memory than the same connections opened at a steady rate.",
     )
+    protocol: Literal["json", "sparkplug"] = Field(
+        "json",
+        description="json: the route's JSON payloads; sparkplug: Sparkplug B edge nodes, one per "
+        "connection, each asset a device (simulators/sparkplug.py).",
+    )
+    sparkplug_group: Name = Field(
+        "sim", description="Sparkplug group id of the simulated edge nodes (protocol sparkplug)."
+    )
     ack_timeout_s: float = Field(
         10.0, gt=0, description="After the run, how long to wait for outstanding PUBACKs."
     )

@@ -10,7 +10,8 @@ from typing import Any
 
 from config.settings import Settings
 from observability.logs import setup_logging
-from simulators.engine import Engine, ShardSpec
+from simulators.engine import ShardSpec
+from simulators.runner import make_engine
 from simulators.scenario import Event
 
 
@@ -28,7 +29,7 @@ def main() -> None:
             out.flush()
 
     events = [Event(**e) for e in init["events"]]
-    engine = Engine(settings, ShardSpec(**init["spec"]), events, emit)
+    engine = make_engine(settings, ShardSpec(**init["spec"]), events, emit)
 
     def commands() -> None:
         for line in sys.stdin:

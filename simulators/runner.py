@@ -22,10 +22,22 @@ from typing import Any, Protocol
 from config.settings import Settings
 from simulators.engine import Engine, ShardSpec
 from simulators.scenario import Event
+from simulators.sparkplug import SparkplugEngine
 
 log = logging.getLogger(__name__)
 
 Deliver = Callable[[int, dict[str, Any]], None]
+
+
+def make_engine(
+    settings: Settings, spec: ShardSpec, events: list[Event], emit: Callable[[dict[str, Any]], None]
+) -> Engine | SparkplugEngine:
+    """The engine of `simulator.protocol`: JSON on the route, or Sparkplug B edge nodes."""
+    if settings.simulator.protocol == "sparkplug":
+        return SparkplugEngine(settings, spec, events, emit)
+    return Engine(settings, spec, events, emit)
+
+
 # The final message carries the acknowledged set: several MB at 100K assets.
 LINE_LIMIT = 1 << 28
 
@@ -63,7 +75,7 @@ class ThreadRunner:
         self._spec = spec
         self._deliver = deliver
         self._loop = asyncio.get_running_loop()
-        self.engine = Engine(settings, spec, events, self._emit)
+        self.engine = make_engine(settings, spec, events, self._emit)
         self._thread = threading.Thread(
             target=self.engine.run, name=f"simulator-{spec.shard}", daemon=True
         )

@@ -48,6 +48,9 @@ class FleetSpec(_Spec):
         None, description="Share of the fleet per asset class."
     )
     assets_per_connection: int | None = Field(None, gt=0, description="Assets per connection.")
+    protocol: Literal["json", "sparkplug"] | None = Field(
+        None, description="json, or sparkplug: edge nodes (one per connection) with devices."
+    )
 
 
 class RatesSpec(_Spec):

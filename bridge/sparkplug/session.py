@@ -29,6 +29,10 @@ the first entry of an asset after a start, its entry counter resumes from the de
 mark, so a restarted host never reuses a seq the dedup has seen. A death is an entry too:
 `sp.type` NDEATH or DDEATH, `sp.online` 0, `sp.stale` the value names now stale, and no values.
 
+The host is online only while Redis takes its writes: a failed write takes it offline (STATE,
+DISCONNECT), so edge nodes store and forward; the batch is held and retried with backoff, and the
+host connects again once a write succeeds.
+
 Bounds: at most `bridge.max_in_flight` messages wait for the writer; past that, QoS 0 messages
 are dropped and counted (QoS 1 ones wait unacknowledged: the broker's receive maximum bounds them).
 """
@@ -106,6 +110,10 @@ class SparkplugSession:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self._lost = asyncio.Event()
+        # Redis took the last write (up) or refused it (down): the host is online only while up.
+        self._sink_up = asyncio.Event()
+        self._sink_up.set()
+        self._sink_down = asyncio.Event()
         self._connack: asyncio.Future[int] | None = None
         self._suback: asyncio.Future[list[ReasonCode]] | None = None
         self._resumed: set[str] = set()
@@ -248,8 +256,13 @@ class SparkplugSession:
                               publication.retain)  # fmt: skip
 
     async def _connection(self, closing: asyncio.Event) -> None:
+        """Online while Redis takes the writes: when a write fails the host goes offline (STATE,
+        DISCONNECT), so edge nodes store and forward, and connects again once Redis is back."""
         backoff = Backoff(self.settings.backoff)
         while not closing.is_set() and not self._stopping:
+            if self._sink_down.is_set():
+                await _first(self._sink_up, closing)
+                continue
             try:
                 pump = await self._connect()
             except SourceUnavailable as exc:
@@ -261,13 +274,7 @@ class SparkplugSession:
                     return
                 continue
             backoff.reset()
-            lost = asyncio.ensure_future(self._lost.wait())
-            stopping = asyncio.ensure_future(closing.wait())
-            try:
-                await asyncio.wait([lost, stopping], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                lost.cancel()
-                stopping.cancel()
+            await _first(self._lost, closing, self._sink_down)
             if not self._lost.is_set():
                 await self._go_offline()
             await _finish(pump, self._client)
@@ -323,9 +330,11 @@ class SparkplugSession:
         while not (stop.is_set() and not self.queue):
             await self._wait_for_work(stop)
             batch = [self.queue.popleft() for _ in range(min(_BATCH, len(self.queue)))]
-            await self._until_stored(self._resume_counters, batch, backoff)
+            if batch:
+                await self._until_stored(self._resume_counters, batch, backoff)
             appends, out = self._handle(batch)
-            flags = await self._until_stored(self._write, appends, backoff)
+            # Nothing to write says nothing about Redis: only a real write may bring the host back.
+            flags = await self._until_stored(self._write, appends, backoff) if appends else []
             self._acknowledge(batch)
             for command in out.commands:
                 self._publish(command)
@@ -339,8 +348,10 @@ class SparkplugSession:
                 result = await step(arg)
             except SinkUnavailable as exc:
                 if backoff.attempts == 0:
-                    log.warning("sparkplug host: redis unavailable, holding and retrying",
-                                extra={"error": str(exc), "queued": len(self.queue)})  # fmt: skip
+                    log.warning("sparkplug host: redis unavailable, going offline, holding and "
+                                "retrying", extra={"error": str(exc), "queued": len(self.queue)})  # fmt: skip
+                self._sink_up.clear()
+                self._sink_down.set()
                 self.metrics.reconnects.labels("redis").inc()
                 await asyncio.sleep(backoff.next_delay())
                 continue
@@ -463,6 +474,9 @@ class SparkplugSession:
 
     async def _write(self, appends: list[Append]) -> list[int]:
         written, _ = await self.sink.write(appends)
+        # Only a write that went through says Redis is back (a batch with no Redis step does not).
+        self._sink_down.clear()
+        self._sink_up.set()
         return written
 
     def _acknowledge(self, batch: list[Received]) -> None:
@@ -533,6 +547,16 @@ def _text(value: bytes | str) -> str:
 def _settle(future: asyncio.Future[Any] | None, result: Any) -> None:
     if future is not None and not future.done():
         future.set_result(result)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until one of the events is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 async def _finish(pump: threading.Thread, client: mqtt.Client | None) -> None:

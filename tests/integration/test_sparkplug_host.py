@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ from bridge.sparkplug.payload import DataType, OutMetric, encode
 from config.keys import Keys
 from config.settings import Settings
 from tests.clients import running_bridge, sample, wait_for
+from tests.faults import redis as own_redis
 from tests.sparkplug_edge import EdgeNode
 
 pytestmark = pytest.mark.integration
@@ -300,3 +302,71 @@ async def test_an_oversized_message_and_a_future_timestamp_are_dead_lettered_by_
     assert (clock["reason"], clock["topic"]) == ("clock", f"spBv1.0/{unique}/DDATA/Edge 1/Motor 1")
     assert "in the future" in clock["error"]
     assert _of(_entries(settings), "DDATA") == []
+
+
+async def test_a_burst_fills_the_queue_to_its_bound_and_qos0_past_it_is_dropped_and_counted(
+    make_settings: Callable[..., Settings], unique: str
+) -> None:
+    bound, count = 100, 2000
+    settings = make_settings(
+        sparkplug={"enabled": True, "host_id": unique, "groups": [unique],
+                   "rebirth_min_interval_s": 60},
+        bridge={"max_in_flight": bound},
+    )  # fmt: skip
+    async with running_bridge(settings) as app:
+        edge = await _edge(app, settings)
+        try:
+            edge.birth([])
+            _device_birth(edge)
+            for value in range(count):
+                _ddata(edge, value)
+            await wait_for(lambda: sample(app, SP + "messages_received_total", type="DDATA")
+                           == count, 20, "every DDATA received")  # fmt: skip
+            session = app.sparkplug
+            assert session is not None
+            # Empty, and nothing held for reordering (given up on after the reorder timeout).
+            await wait_for(lambda: not session.queue and session.host.next_deadline is None, 10,
+                           "the queue to empty")  # fmt: skip
+        finally:
+            await asyncio.to_thread(edge.close)
+        dropped = sample(app, SP + "messages_dropped_total")
+        assert dropped > 0  # drops happen only with the queue at its bound
+        # A message far past a run of drops looks like one the host has passed: not placed.
+        unplaced = sample(app, SP + "unplaced_total")
+    assert len(_of(_entries(settings), "DDATA")) + dropped + unplaced == count
+
+
+async def test_while_redis_is_down_the_host_is_offline_and_writes_what_it_held_once_back(
+    make_settings: Callable[..., Settings], unique: str, tmp_path: Path
+) -> None:
+    service = own_redis(tmp_path / "redis")
+    service.start()
+    settings = make_settings(
+        redis={"url": f"redis://127.0.0.1:{service.port}/0", "key_prefix": unique,
+               "socket_timeout_s": 0.5, "connect_timeout_s": 0.5},
+        sparkplug={"enabled": True, "host_id": unique, "groups": [unique]},
+    )  # fmt: skip
+    try:
+        async with running_bridge(settings) as app:
+            session = app.sparkplug
+            assert session is not None
+            edge = await _edge(app, settings)
+            try:
+                edge.birth([])
+                _device_birth(edge)
+                await wait_for(lambda: len(_entries(settings)) == 1, 5, "the DBIRTH entry")
+                first_connect = session.host.connect_ms
+                service.kill()
+                _ddata(edge, 1)  # received, then held: Redis refuses it
+                await wait_for(lambda: not session.online, 10, "the host to go offline")
+                assert sample(app, SP + "connected") == 0
+                service.start()
+                await wait_for(lambda: session.online, 20, "the host back online")
+                assert (session.host.connect_ms or 0) > (first_connect or 0)  # a new session
+                await wait_for(lambda: len(_of(_entries(settings), "DDATA")) == 1, 10,
+                               "the held DDATA written")  # fmt: skip
+            finally:
+                await asyncio.to_thread(edge.close)
+        assert sample(app, SP + "entries_written_total") == 2
+    finally:
+        service.stop()

@@ -185,7 +185,7 @@ def test_shards_take_whole_connections() -> None:
 # --- scenarios ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["standard", "smoke"])
+@pytest.mark.parametrize("name", ["standard", "smoke", "sparkplug"])
 def test_bundled_scenarios_load_and_plan(name: str) -> None:
     scenario = load_scenario(bundled(name))
     settings = scenario.apply(SimulatorSettings())
