@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PACKAGES := bridge workers broker simulators config observability gateway
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test check bench services soak clean
+.PHONY: demo test check bench bench-gateway services soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Real servers for the integration tests (promtool from Debian's prometheus package, and
-# faketime for the clock-skew tests, chromium for the web UI tests):
+# faketime for the clock-skew tests, chromium for the web UI tests, wrk for bench/gateway_bench.py):
 # installed with apt-get when missing and we are root.
 services:
 	@missing=""; \
@@ -24,6 +24,7 @@ services:
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v faketime >/dev/null || missing="$$missing faketime"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing:$$missing"; \
@@ -51,6 +52,10 @@ soak: $(VENV)/.installed services
 
 bench: $(VENV)/.installed services
 	$(BIN)/python bench/run.py
+
+# The HTTP gateway against a naive one-XADD-per-request FastAPI ingestor, wrk at 64 connections.
+bench-gateway: $(VENV)/.installed services
+	$(BIN)/python bench/gateway_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import math
+import socket
 from collections.abc import Iterator
 
 import uvicorn
@@ -105,19 +106,26 @@ class GatewayApp:
 
     async def _run(self, stop: asyncio.Event) -> None:
         gw = self.settings.gateway
+        # uvicorn's start and stop lines repeat ours; its warnings and errors stay.
+        uvicorn_log = logging.getLogger("uvicorn")
+        uvicorn_log.setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
         # Ingest requests are answered before FastAPI's own middleware stack (see IngestFastPath).
         asgi = IngestFastPath(self.app, self.app.state.ingest)
         config = uvicorn.Config(asgi, host=gw.host, port=gw.port, log_config=None,
                                 access_log=False, lifespan="off", server_header=False,
                                 timeout_graceful_shutdown=math.ceil(gw.write_timeout_ms / 1000) + 1)  # fmt: skip
         self.server = server = _Server(config)
+        # Bound here, not by uvicorn: a port in use is an OSError (one line, exit 2), where
+        # uvicorn would sys.exit() from inside its task.
+        listener = _listen(gw.host, gw.port)
         writer_stop = asyncio.Event()
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._check_redis(stop), name="redis-check")
                 writer = tasks.create_task(self.commit.run(writer_stop), name="gateway-writer")
-                serving = tasks.create_task(server.serve(), name="uvicorn")
-                log.info("gateway serving", extra={"url": f"http://{gw.host}:{gw.port}"})
+                serving = tasks.create_task(server.serve([listener]), name="uvicorn")
+                port = listener.getsockname()[1]
+                log.info("gateway serving", extra={"url": f"http://{gw.host}:{port}"})
                 stopped = asyncio.ensure_future(stop.wait())
                 await asyncio.wait([stopped, serving], return_when=asyncio.FIRST_COMPLETED)
                 stopped.cancel()
@@ -127,6 +135,21 @@ class GatewayApp:
                 writer_stop.set()
                 await writer
         finally:
+            listener.close()
             await self.sink.close()
             await self.reader.aclose()
             log.info("gateway stopped")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock

@@ -491,3 +491,29 @@ def test_the_gateway_works_as_its_compose_redis_user_and_is_refused_the_rest(
     finally:
         gw.stop()
         db.stop()
+
+
+# --- 8. the command's exit codes ------------------------------------------------------------------
+
+
+def test_the_gateway_stops_on_sigterm_with_0_and_refuses_a_port_in_use_with_one_line_and_2(
+    rig: Rig,
+) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    rig.redis()
+    gw = rig.gateway()
+    assert gw.stop() == 0
+    assert "gateway stopped" in gw.tail()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**gw.env, "IOTBRIDGE_GATEWAY__PORT": str(taken.getsockname()[1])}
+        result = subprocess.run([sys.executable, "-m", "bridge.cli", "gateway"], env={**os.environ, **env},
+                                capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert "Address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
