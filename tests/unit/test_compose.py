@@ -170,6 +170,8 @@ def test_workers_run_as_replicas_and_prometheus_scrapes_every_one() -> None:
     assert worker_names == {"worker"}
     assert jobs["worker"]["dns_sd_configs"][0]["port"] == Settings().worker.metrics_port
     assert jobs["simulator"]["dns_sd_configs"][0]["port"] == Settings().simulator.metrics_port
+    assert jobs["gateway"]["static_configs"][0]["targets"] == [f"gateway:{Settings().gateway.port}"]
+    assert found["gateway"]["environment"]["IOTBRIDGE_GATEWAY__HOST"] == "0.0.0.0"
     for name in ("bridge-1", "worker", "simulator"):
         env = found[name]["environment"]
         assert any(k.endswith("__METRICS_HOST") and v == "0.0.0.0" for k, v in env.items()), name
