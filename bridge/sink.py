@@ -15,8 +15,8 @@ Memory is O(assets) (about 200 bytes each), not O(messages), and it never expire
 - within the ring: its bit says whether the seq was seen;
 - older than the ring: written, and counted as unverifiable (flag 2). Dropping it could lose real
   data: bridges sharing a subscription deliver one asset's messages out of order, one bridge far
-  behind the other. A redelivery after a crash is never that old, because at most
-  `mqtt.receive_maximum` (default 1,000) messages are in flight.
+  behind the other. A redelivery after a crash is never that old: what was written and not yet
+  acknowledged is at most `batch.pipeline` batches (default 2 x 500).
 """
 
 from __future__ import annotations

@@ -93,6 +93,8 @@ class MqttSource:
         # route table is noticed even when the session is resumed.
         self.previous_filters: set[str] | None = None
         self.paused = False
+        # Reading stopped while the app holds its bound of messages in flight (`hold`).
+        self.held = False
         self._last_rx = 0.0
         self._rx, self._rx_wall = time.monotonic(), time.time()  # when what is read now arrived
 
@@ -139,12 +141,13 @@ class MqttSource:
 
     def _add_reader(self, sock: Any) -> None:
         assert self._loop is not None
+        self.held = False  # a new connection: the app holds again if it must
         if not self.paused and sock.fileno() >= 0:
             self._client.reset_buffer()
             self._loop.add_reader(sock, self._readable)
 
     def _readable(self) -> None:
-        if self.paused:
+        if self.paused or self.held:
             return
         # One reading of the clocks for the packets handled now: they were received together.
         self._last_rx = self._rx = time.monotonic()
@@ -233,6 +236,27 @@ class MqttSource:
             return
         generation = self.generation
         self._client.ack_many([m.mid for m in inbound if m.qos == 1 and m.generation == generation])
+
+    def hold(self) -> None:
+        """Stop reading until `release`: the app holds as many messages as it may. What the
+        broker sends meanwhile waits in the socket buffers (TCP flow control), then at the broker."""
+        if self.held:
+            return
+        self.held = True
+        sock = self._client.socket()
+        if self._loop is not None and sock is not None:
+            self._loop.remove_reader(sock)
+
+    def release(self) -> None:
+        """Read again after `hold`, starting with what is already buffered."""
+        if not self.held:
+            return
+        self.held = False
+        self._last_rx = time.monotonic()  # silence is counted from here, not from the hold
+        sock = self._client.socket()
+        if self._loop is not None and sock is not None and not self.paused:
+            self._loop.add_reader(sock, self._readable)
+            self._loop.call_soon(self._readable)
 
     def pause(self) -> None:
         """Stop reading from the broker (shutdown); unread messages stay with the broker."""
@@ -341,7 +365,7 @@ class MqttSource:
         while not self._lost.is_set():
             self._client.loop_misc()
             silent_s = time.monotonic() - self._last_rx
-            if silent_s > limit_s and not self.paused:
+            if silent_s > limit_s and not self.paused and not self.held:
                 log.warning("mqtt link silent for %.1f s, reconnecting", silent_s)
                 # Closed at once: a DISCONNECT would wait behind a dead link's send buffer.
                 self._client._sock_close()

@@ -3,12 +3,16 @@ bridges splitting one shared subscription."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Callable
 
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
+from bridge.app import BridgeApp
+from bridge.source import _PACKETS_PER_READ, Inbound
 from config.keys import Keys
 from config.settings import Settings
 from tests.clients import Publisher, running_bridge, sample, telemetry, wait_for
@@ -45,6 +49,50 @@ async def test_both_protocols_keep_the_session_across_a_bridge_restart(
             lambda: sample(app, M + "forwarded_total", route="telemetry") == 300, 15, "300 queued"
         )
     assert [int(e["seq"]) for e in _stream(settings, "telemetry")] == list(range(300))
+
+
+async def test_a_resumed_sessions_backlog_is_read_only_as_fast_as_acks_make_room(
+    make_settings: Callable[..., Settings], mqtt_url: str, unique: str
+) -> None:
+    """Mosquitto 2.0 sends a resumed session's whole queue at once, past the receive maximum: the
+    bridge stops reading at `bridge.max_in_flight` and reads on as its batches are acknowledged,
+    so what it holds stays bounded, and every message still arrives once."""
+    settings = make_settings(
+        mqtt={"protocol": "5", "client_id": f"{unique}-bridge"},
+        bridge={"max_in_flight": 200, "batch": {"max_size": 50}},
+    )
+    async with running_bridge(settings):
+        pass  # the session, subscribed, then away
+    publisher = Publisher(mqtt_url, f"{unique}-pub", "5")
+    count = 3000
+    for i in range(count):
+        publisher.publish(f"{unique}/plant/s1/l1/a{i % 10}/telemetry", telemetry(i // 10))
+    assert publisher.wait_acked() == count
+    publisher.close()
+    app = BridgeApp(settings, CollectorRegistry())
+    receive, most = app.source._on_message, 0
+
+    def counted(inbound: Inbound) -> None:
+        nonlocal most
+        receive(inbound)
+        most = max(most, app.in_flight())
+
+    app.source._on_message = counted
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.run(stop), name="bridge-under-test")
+    try:
+        await wait_for(
+            lambda: sample(app, M + "forwarded_total", route="telemetry") == count or task.done(),
+            30, "the backlog",
+        )  # fmt: skip
+    finally:
+        stop.set()
+        await task
+    # At most the slice of packets being read when the bound was reached goes past it.
+    assert 200 <= most <= 200 + _PACKETS_PER_READ
+    pairs = Counter((e["asset"], int(e["seq"])) for e in _stream(settings, "telemetry"))
+    assert len(pairs) == count
+    assert set(pairs.values()) == {1}
 
 
 async def test_a_changed_route_table_is_subscribed_even_on_a_resumed_session(
