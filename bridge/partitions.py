@@ -177,6 +177,21 @@ class PartitionedSource:
                 source.ack(messages)
         self._acked.set()
 
+    @property
+    def held(self) -> bool:
+        return any(p.source is not None and p.source.held for p in self.owned)
+
+    def hold(self) -> None:
+        """Stop reading every owned session: the app holds as many messages as it may."""
+        for p in self.owned:
+            if p.source is not None:
+                p.source.hold()
+
+    def release(self) -> None:
+        for p in self.owned:
+            if p.source is not None:
+                p.source.release()
+
     def pause(self) -> None:
         for p in self.owned:
             if p.source is not None:
