@@ -46,8 +46,12 @@ PUBACK = 0x40
 _U16 = struct.Struct("!H")
 
 
+# Sites the assets are spread over (`--sites`): site k takes the assets with asset % SITES == k-1.
+SITES = 1
+
+
 def topic(asset: int) -> str:
-    return f"plant/s1/l1/a{asset}/telemetry"
+    return f"plant/s{1 + asset % SITES}/l1/a{asset}/telemetry"
 
 
 # The readings cycle with the seq: their text is made once, not per message.
@@ -288,7 +292,10 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="paced mode: seconds")
     parser.add_argument("--start-at", type=float, default=0.0, help="paced mode: wall time")
     parser.add_argument("--ack-timeout", type=float, default=60.0)
+    parser.add_argument("--sites", type=int, default=1, help="sites the assets are spread over")
     args = parser.parse_args()
+    global SITES  # noqa: PLW0603 -- set once, before the first topic is built
+    SITES = args.sites
 
     host, port = args.mqtt_url.removeprefix("mqtt://").rsplit(":", 1)
     mine = [k for k in range(args.assets) if k % args.of == args.index]

@@ -270,10 +270,18 @@ class PartitionedSource:
         log.info("partition acquired", extra={"partition": p.name, "owner": self.owner})
         self._metrics.lease_changes.labels("acquired").inc()
         p.leaving = False
+        if p.source is not None:
+            # Past every connection of the last source (which connects no more: its lease check
+            # below fails from now on), so an ack meant for it never matches a new packet id.
+            p.generation = p.source.generation + 1
+
+        def lease_valid() -> bool:
+            return p.source is source and p.lease_valid()
+
         source = MqttSource(
             self._settings.mqtt.model_copy(update={"client_id": p.client_id}),
             p.subscriptions, self._on_message, self._metrics, Backoff(self._settings.backoff),
-            lease_valid=p.lease_valid,
+            lease_valid=lease_valid,
         )  # fmt: skip
         source.generation = p.generation
         p.source = source
@@ -290,7 +298,6 @@ class PartitionedSource:
             await source.run(self._closing)
         finally:
             remember.cancel()
-            p.generation = source.generation + 1  # the next owner's acks never match these
 
     async def _remember(self, source: MqttSource, key: str) -> None:
         await source.subscribed_event.wait()
@@ -323,9 +330,11 @@ class PartitionedSource:
                 while self.in_flight(p) and p.lease_valid():
                     self._acked.clear()
                     await self._acked.wait()
-        if p not in self.owned:
-            return  # lost meanwhile
+        if p not in self.owned or self._closing.is_set():
+            return  # lost meanwhile, or closing (which disconnects and releases everything)
         await self._disconnect(p, 2.0)
+        if p not in self.owned or self._closing.is_set():
+            return
         self.owned.remove(p)
         try:
             await self._leases.release(self._redis, [p])

@@ -7,11 +7,13 @@ hundred assets, recording what the broker acknowledged (`--acked`). Both bridges
 and the bridges and the worker reach Redis, through fault proxies (`tests.proxy`), so a
 connection reset is a real one.
 
-The two bridges are a redundant pair by default: each has its own persistent session on every
-topic and Redis's dedup keeps one copy of what both write. `--shared-group` makes them split one
-shared subscription instead, as compose.yaml does; with Mosquitto 2.0.11 that loses, at a broker
-restart, what devices publish before the first bridge has subscribed again: Mosquitto does not
-save `$share` subscriptions in its persistence file (the README's Known limits).
+The two bridges run as compose.yaml deploys them by default: one fleet over compose's session
+partitions (`bridge.partitions`, a persistent session per partition, owned through leases in Redis),
+so a killed bridge's partitions are taken over by the other after the lease. `--bridges pair` makes
+them a redundant pair instead (each its own persistent session on every topic; Redis's dedup keeps
+one copy of what both write). `--shared-group` makes them split one shared subscription; with
+Mosquitto 2.0.11 that loses, at a broker restart, what devices publish before the first bridge has
+subscribed again: Mosquitto does not save `$share` subscriptions in its persistence file.
 
 Every `fault_interval_s` one fault, drawn from a seeded shuffle of all five kinds in turn (so any
 five consecutive faults include each kind once):
@@ -56,6 +58,7 @@ from types import FrameType
 from typing import Any
 
 import redis as redis_py
+import yaml
 
 from config.keys import Keys
 from tests.compose_config import PASSWORDS, mosquitto_as_compose_runs_it
@@ -246,9 +249,10 @@ class Proxies:
 
 class Soak:
     def __init__(self, workdir: Path, duration_s: float, interval_s: float, rate: float,
-                 seed: int, shared_group: str | None = None) -> None:  # fmt: skip
+                 seed: int, shared_group: str | None = None, bridges: str = "partitions") -> None:  # fmt: skip
         self.workdir = workdir
         self.shared_group = shared_group
+        self.fleet = bridges == "partitions" and shared_group is None
         self.duration_s, self.interval_s, self.rate, self.seed = duration_s, interval_s, rate, seed
         self.report = SoakReport(seed, duration_s, interval_s, rate, str(workdir))
         self.keys = Keys(PREFIX, SHARDS)
@@ -281,8 +285,9 @@ class Soak:
                 redis_url=f"redis://127.0.0.1:{to_redis}/0",
                 name=f"bridge-{n}",
                 spool_dir=self.workdir / f"bridge-{n}" / "spool",
-                env={**common, "IOTBRIDGE_MQTT__CLIENT_ID": f"soak-bridge-{n}",
+                env={**common, "IOTBRIDGE_MQTT__CLIENT_ID": "soak-bridge" if self.fleet else f"soak-bridge-{n}",
                      "IOTBRIDGE_MQTT__USERNAME": "iotbridge", "IOTBRIDGE_MQTT__PASSWORD": PASSWORDS["MQTT_PASSWORD"],
+                     **(compose_partitions() if self.fleet else {}),
                      **({"IOTBRIDGE_BRIDGE__SHARED_GROUP": self.shared_group} if self.shared_group else {})},
             ))  # fmt: skip
         for bridge in self.bridges:
@@ -621,12 +626,18 @@ class Soak:
         self.proxies.close()
 
 
+def compose_partitions() -> dict[str, str]:
+    """The bridges' partition settings as compose.yaml sets them."""
+    env = yaml.safe_load((ROOT / "compose.yaml").read_text())["x-bridge-env"]
+    return {k: v for k, v in env.items() if k.startswith("IOTBRIDGE_BRIDGE__PARTITION")}
+
+
 def run_soak(workdir: Path, duration_s: float, fault_interval_s: float, rate: float,
-             seed: int, shared_group: str | None = None) -> SoakReport:  # fmt: skip
+             seed: int, shared_group: str | None = None, bridges: str = "partitions") -> SoakReport:  # fmt: skip
     """Run the soak in `workdir` (logs, data and `soak-report.json` stay there)."""
     workdir.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
-    soak = Soak(workdir, duration_s, fault_interval_s, rate, seed, shared_group)
+    soak = Soak(workdir, duration_s, fault_interval_s, rate, seed, shared_group, bridges)
     try:
         soak.start()
         soak.publish_with_faults()
@@ -659,13 +670,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="seeds the order of the faults")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temporary dir")
     parser.add_argument("--shared-group", default=None,
-                        help="the bridges share one subscription (default: each reads everything)")  # fmt: skip
+                        help="the bridges share one subscription")  # fmt: skip
+    parser.add_argument("--bridges", choices=("partitions", "pair"), default="partitions",
+                        help="one fleet over compose's partitions (default), or a redundant pair")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="iotbridge-soak-"))
     signal.signal(signal.SIGTERM, _interrupted)  # stop every process in run_soak's finally
     report = run_soak(workdir, args.duration_s, args.fault_interval_s, args.rate, args.seed,
-                      args.shared_group)  # fmt: skip
+                      args.shared_group, args.bridges)  # fmt: skip
     if args.json is not None:
         args.json.write_text(json.dumps(report.as_dict(), indent=2))
     sys.stdout.write(report.text() + "\n")
