@@ -447,6 +447,9 @@ def test_64_clients_posting_while_redis_is_killed_and_restarted_every_200_is_sto
     assert gw.total("iotbridge_gateway_requests_total", m, status="503") == tally["503"]
     assert gw.total("iotbridge_gateway_messages_total", m, outcome="stored") == tally["stored"]
     assert gw.total("iotbridge_gateway_write_errors_total", m) >= 1
+    # Every message answered 200 was in a write Redis confirmed (the batch sizes' sum counts
+    # them; writes whose reply came after their request's 503 count too).
+    assert m["iotbridge_gateway_batch_size_sum"] >= tally["200"]
 
 
 # --- 7. as compose deploys it: its own Redis ACL user ---------------------------------------------
