@@ -13,6 +13,7 @@ import gc
 import logging
 import math
 import socket
+import ssl
 from collections.abc import Iterator
 
 import uvicorn
@@ -111,9 +112,14 @@ class GatewayApp:
         uvicorn_log.setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
         # Ingest requests are answered before FastAPI's own middleware stack (see IngestFastPath).
         asgi = IngestFastPath(self.app, self.app.state.ingest)
+        tls = self.settings.http.tls  # HTTPS on the whole port, as for every process
         config = uvicorn.Config(asgi, host=gw.host, port=gw.port, log_config=None,
                                 access_log=False, lifespan="off", server_header=False,
-                                timeout_graceful_shutdown=math.ceil(gw.write_timeout_ms / 1000) + 1)  # fmt: skip
+                                timeout_graceful_shutdown=math.ceil(gw.write_timeout_ms / 1000) + 1,
+                                ssl_certfile=tls.cert_file, ssl_keyfile=tls.key_file,
+                                ssl_ca_certs=tls.client_ca_file,
+                                ssl_cert_reqs=ssl.CERT_REQUIRED if tls.client_ca_file else ssl.CERT_NONE)  # fmt: skip
+        config.load()  # here, so a missing certificate is an OSError (one line, exit 2)
         self.server = server = _Server(config)
         # Bound here, not by uvicorn: a port in use is an OSError (one line, exit 2), where
         # uvicorn would sys.exit() from inside its task.
@@ -125,7 +131,8 @@ class GatewayApp:
                 writer = tasks.create_task(self.commit.run(writer_stop), name="gateway-writer")
                 serving = tasks.create_task(server.serve([listener]), name="uvicorn")
                 port = listener.getsockname()[1]
-                log.info("gateway serving", extra={"url": f"http://{gw.host}:{port}"})
+                scheme = "https" if config.ssl else "http"
+                log.info("gateway serving", extra={"url": f"{scheme}://{gw.host}:{port}"})
                 stopped = asyncio.ensure_future(stop.wait())
                 await asyncio.wait([stopped, serving], return_when=asyncio.FIRST_COMPLETED)
                 stopped.cancel()

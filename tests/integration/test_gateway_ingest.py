@@ -520,3 +520,42 @@ def test_the_gateway_stops_on_sigterm_with_0_and_refuses_a_port_in_use_with_one_
     assert result.returncode == 2
     assert "Address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- 9. HTTPS (the http.tls section, as for every process) ----------------------------------------
+
+
+def test_the_gateway_serves_https_with_http_tls_and_refuses_plain_http(rig: Rig) -> None:
+    import ssl
+    import subprocess
+
+    certs = rig.tmp_path / "certs"
+    root = Path(__file__).parents[2]
+    subprocess.run(["sh", str(root / "broker" / "make-dev-certs.sh"), str(certs)], check=True,
+                   capture_output=True, timeout=60)  # fmt: skip
+    rig.redis()
+    gw = GatewayProcess(rig.tmp_path / "gateway", name=rig.name,
+                        redis_url=f"redis://127.0.0.1:{rig.db.port}/0",  # type: ignore[union-attr]
+                        env={"IOTBRIDGE_HTTP__TLS__CERT_FILE": str(certs / "server.crt"),
+                             "IOTBRIDGE_HTTP__TLS__KEY_FILE": str(certs / "server.key")})  # fmt: skip
+    rig.gateways.append(gw)
+    gw.service.start()
+    token = gw.token("tls-*")
+    https = f"https://127.0.0.1:{gw.port}"
+    trust = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    with httpx.Client(timeout=30, verify=trust, headers=auth(token)) as http:
+        wait_until(lambda: http.get(f"{https}/readyz").status_code == 200, 30, "ready over HTTPS")
+        ok = http.post(f"{https}/api/v1/topics/{topic('tls-1')}", content=payload(1), headers=JSON)
+        assert ok.status_code == 200, ok.text
+        assert http.get(f"{https}/docs").status_code == 200
+    with httpx.Client(timeout=5) as plain, pytest.raises(httpx.TransportError):
+        plain.get(f"http://127.0.0.1:{gw.port}/readyz")
+    assert telemetry_pairs(rig.client(), rig.name) == Counter({("tls-1", 1): 1})
+    gw.stop()
+    gone = GatewayProcess(rig.tmp_path / "gone", name=rig.name, redis_url="redis://127.0.0.1:1/0",
+                          env={"IOTBRIDGE_HTTP__TLS__CERT_FILE": str(certs / "nothing.crt"),
+                               "IOTBRIDGE_HTTP__TLS__KEY_FILE": str(certs / "server.key")})  # fmt: skip
+    missing = gone.cli("gateway")
+    assert missing.returncode == 2
+    assert "No such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
