@@ -364,6 +364,8 @@ def test_6_gateway_user_stores_what_the_gateway_answers_stored(
 
     from tests.gateway_process import GatewayProcess
 
+    # A user is one HTTP connection posting one request at a time: 10 devices at 1 Hz leave room
+    # for answers of up to 100 ms.
     prefix = "t" + uuid.uuid4().hex[:10]
     gateway = GatewayProcess(tmp_path / "gateway", redis_url=redis_url, name=prefix).start()
     config = tmp_path / "settings.yaml"
@@ -381,7 +383,7 @@ def test_6_gateway_user_stores_what_the_gateway_answers_stored(
             argv = [locust_binary(), "-f", str(LOCUSTFILE), "--iotbridge-config", str(config),
                     "--headless", "-u", "2", "-r", "2", "-t", seconds, "--csv", str(workdir / "run"),
                     "--gateway-url", gateway.url, "--gateway-bulk", bulk, "--devices-per-user",
-                    "50", "--device-rate", "2", "--acked", str(workdir / "acked.jsonl"),
+                    "10", "--device-rate", "1", "--acked", str(workdir / "acked.jsonl"),
                     "--stop-timeout", "10", "--json-file", str(workdir / "stats"), "--first-device", first,
                     "GatewayUser"]  # fmt: skip
             with (workdir / "locust.log").open("wb") as log:
