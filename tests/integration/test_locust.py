@@ -308,9 +308,13 @@ def test_3_web_ui_renders_in_headless_chromium(
             row.first.wait_for(timeout=30_000)
             assert "telemetry" in row.first.inner_text()
             page.screenshot(path=str(screenshot))
+            # The load's options are the web UI's custom parameters (its start and edit forms).
+            options = page.evaluate("window.templateArgs.extra_options")
         finally:
             browser.close()
     assert screenshot.stat().st_size > 10_000
+    assert {"devices_per_user", "device_rate", "qos", "puback_timeout"} <= set(options), options
+    assert options["devices_per_user"]["default_value"] == 50  # as the command line set it
     if target := os.environ.get("IOTBRIDGE_SCREENSHOT_DIR"):
         shutil.copy(screenshot, Path(target) / screenshot.name)
 
