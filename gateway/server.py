@@ -26,10 +26,11 @@ from config.errors import SinkUnavailable
 from config.keys import Keys
 from config.settings import Settings
 from gateway.admin import close_live_streams
-from gateway.app import IngestFastPath, create_app
+from gateway.app import create_app
 from gateway.commit import GroupCommit
 from gateway.context import GatewayContext
 from gateway.ingest import Ingestor
+from gateway.ingest_http import IngestFastPath
 from observability.lifecycle import Backoff
 from observability.metrics import GatewayMetrics
 
