@@ -93,12 +93,14 @@ class TokenStore:
 
     async def _record(self, token_id: str) -> TokenRecord | None:
         if time.monotonic() - self._loaded_at >= self._refresh_s:
+            # Marked first: the requests arriving during the reload use the copy, not a reload
+            # each of their own.
+            self._loaded_at = time.monotonic()
             try:
                 await self.reload()
             except (RedisError, OSError) as exc:
                 # The copy still holds: tokens keep working through a Redis outage.
                 log.warning("cannot reload device tokens", extra={"error": str(exc)})
-                self._loaded_at = time.monotonic()
         record = self._records.get(token_id)
         if record is not None or token_id in self._misses:
             return record
