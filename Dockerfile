@@ -1,4 +1,4 @@
-# iotbridge: one image for the bridge, the worker and the simulator (`iotbridge <command>`);
+# iotbridge: one image for the bridge, the worker, the gateway and the simulator (`iotbridge <command>`);
 # built with EXTRAS=load it also runs Locust (compose's load profile).
 # Build: docker build -t iotbridge . (compose.yaml builds it). Runs as an unprivileged user.
 FROM python:3.11-slim
@@ -22,6 +22,7 @@ COPY broker ./broker
 COPY simulators ./simulators
 COPY config ./config
 COPY observability ./observability
+COPY gateway ./gateway
 # A fixed uid, so files on volumes keep one owner across image rebuilds. The spool directory is
 # created here, owned by that user: a new named volume mounted on it takes that ownership.
 RUN pip install --no-deps . \

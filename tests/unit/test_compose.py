@@ -237,6 +237,17 @@ def test_the_image_runs_iotbridge_as_a_non_root_user() -> None:
     assert "/var/lib/iotbridge/spool" in dockerfile
 
 
+def test_the_image_holds_every_package_the_project_installs() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = [p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "gateway" in packages
+    for package in packages:
+        assert f"COPY {package} ./{package}\n" in dockerfile, package
+
+
 def test_the_load_profile_runs_a_locust_master_on_loopback_and_scalable_workers() -> None:
     result = subprocess.run(
         [str(_compose_binary()), "-f", str(ROOT / "compose.yaml"), "--profile", "load",
