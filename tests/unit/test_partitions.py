@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from bridge.partitions import partition_subscriptions
+from bridge.partitions import PartitionedSource, partition_subscriptions
 from bridge.routing import RouteTable
 from config import loader
 from config.errors import ConfigError
 from config.settings import RouteSettings
 from config.topic_filters import includes, intersect
+from observability.metrics import BridgeMetrics
 
 ROUTE = "plant/+/+/+/telemetry"
 
@@ -162,3 +164,27 @@ def test_check_config_exits_non_zero_naming_the_yaml_path(tmp_path: Path) -> Non
     assert result.returncode == 1
     assert f"{bad}: bridge.partitions: partitions 's0' and 's1' overlap" in result.stderr
     assert "route 'telemetry' topics plant/+/+/+/telemetry beyond" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("bridges", "shares"), [(1, [4]), (2, [2, 2]), (3, [2, 1, 1]), (5, [1, 1, 1, 1, 0])]
+)
+def test_each_bridge_of_a_fleet_takes_a_fair_share_of_the_partitions(
+    bridges: int, shares: list[int]
+) -> None:
+    settings = loader.parse(
+        _yaml(
+            *(f'{{name: s{k}, filters: ["plant/s{k}/#"]}}' for k in range(4)), coverage="declared"
+        )
+    )
+    fleet = [
+        PartitionedSource(
+            settings,
+            RouteTable(settings.bridge.routes),
+            lambda _m: None,
+            BridgeMetrics(CollectorRegistry()),
+        )
+        for _ in range(bridges)
+    ]
+    members = [source.owner for source in fleet]
+    assert sorted((source._share(members) for source in fleet), reverse=True) == shares
