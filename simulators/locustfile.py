@@ -301,6 +301,9 @@ class MqttFleetUser(User):
         client_id = f"{settings.simulator.client_id_prefix}-locust-w{worker_index(self.environment)}-{self.slot}"
         self.client = MqttPublisher(endpoint, client_id)
         self.pending: dict[int, tuple[int, int, float, int]] = {}  # mid: device, seq, sent, size
+        # Given up (timed out) but unacknowledged: still in flight for the broker, whose Receive
+        # Maximum counts them until their PUBACK comes or the connection ends.
+        self.abandoned: set[int] = set()
         self.room = Event()
         self.mids = itertools.cycle(range(1, MID_LIMIT + 1))
         self.window = 1
@@ -330,7 +333,9 @@ class MqttFleetUser(User):
     def _on_ack(self, mid: int, refused: bool) -> None:
         found = self.pending.pop(mid, None)
         if found is None:
-            return  # already given up (timed out)
+            self.abandoned.discard(mid)  # given up (timed out) before; its slot is free again
+            self.room.set()
+            return
         local, seq, sent, size = found
         if refused:
             fire(self.environment, self.kind, self.route, sent, size,
@@ -345,6 +350,7 @@ class MqttFleetUser(User):
             self.block.acklog.add_unconfirmed(local, 0, seq)
             fire(self.environment, self.kind, self.route, sent, size, exc)
         self.pending.clear()
+        self.abandoned.clear()
         self.room.set()
 
     def _expire(self, now: float) -> None:
@@ -354,6 +360,7 @@ class MqttFleetUser(User):
             if time.perf_counter() - sent < limit:
                 return
             del self.pending[mid]
+            self.abandoned.add(mid)
             self.block.acklog.add_unconfirmed(local, 0, seq)
             fire(self.environment, self.kind, self.route, sent, size,
                  PubackTimeout(f"no PUBACK within {limit:g} s"))  # fmt: skip
@@ -369,7 +376,7 @@ class MqttFleetUser(User):
             return
         self._skip_until(now - MAX_LAG_S, BehindSchedule(f"due more than {MAX_LAG_S:g} s ago"))
         while self.schedule.next_due() <= now and self.client.connected:
-            if len(self.pending) >= self.window:
+            if len(self.pending) + len(self.abandoned) >= self.window:
                 self.room.clear()
                 self.room.wait(1.0)  # a PUBACK frees a slot of the broker's Receive Maximum
                 return
@@ -390,7 +397,7 @@ class MqttFleetUser(User):
         mid = 0
         if self.options.qos:
             mid = next(self.mids)
-            while mid in self.pending:
+            while mid in self.pending or mid in self.abandoned:
                 mid = next(self.mids)
         sent = time.perf_counter()
         if mid:

@@ -422,3 +422,70 @@ def test_6_gateway_user_stores_what_the_gateway_answers_stored(
         assert report["acked"] == report["found"] == stored
     finally:
         gateway.stop()
+
+
+def test_7_a_stalled_broker_gives_bounded_puback_timeouts_then_skips(tmp_path: Path) -> None:
+    """The broker stops (SIGSTOP) for 3 s under 50 devices at 10 Hz on one connection: at most
+    its Receive Maximum (20) publishes wait, each failing after --puback-timeout as unconfirmed in
+    the acked file; what falls due meanwhile is skipped behind schedule, never queued; the run
+    says so (exit 1), and publishing resumes once the broker does."""
+    from tests.services import mosquitto_service
+
+    broker = mosquitto_service(tmp_path / "mosquitto", extra_conf="max_inflight_messages 20\n")
+    if broker is None:
+        missing("mosquitto")
+    broker.start()
+    config = tmp_path / "settings.yaml"
+    config.write_text(yaml.safe_dump({"simulator": {"client_id_prefix": "stall"}}))
+    argv = [locust_binary(), "-f", str(LOCUSTFILE), "--iotbridge-config", str(config),
+            "--host", f"mqtt://127.0.0.1:{broker.port}", "--headless", "-u", "1", "-r", "1",
+            "-t", "12s", "--csv", str(tmp_path / "run"), "--devices-per-user", "50",
+            "--device-rate", "10", "--puback-timeout", "1", "--acked", str(tmp_path / "acked"),
+            "--stop-timeout", "5", "--json-file", str(tmp_path / "stats"), "MqttFleetUser"]  # fmt: skip
+    log = (tmp_path / "locust.log").open("wb")
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+    def csv_rows(name: str) -> list[dict[str, str]]:
+        path = tmp_path / f"run_{name}.csv"
+        if not path.exists():
+            return []
+        with path.open(newline="") as rows:
+            return list(csv.DictReader(rows))
+
+    def requests() -> int:
+        rows = [r for r in csv_rows("stats") if r["Name"] == "telemetry"]
+        return int(rows[0]["Request Count"]) if rows else 0
+
+    def failures(kind: str) -> int:
+        return sum(int(r["Occurrences"]) for r in csv_rows("failures") if kind in r["Error"])
+
+    try:
+        wait_until(lambda: requests() > 500, 20, "the first PUBACKs", poll_s=0.2)
+        broker.signal(signal.SIGSTOP)
+        wait_until(lambda: failures("BehindSchedule") > 0, 20, "skips behind schedule", poll_s=0.2)
+        before = requests()
+        broker.signal(signal.SIGCONT)
+        wait_until(lambda: requests() > before + 500, 20, "publishing to resume", poll_s=0.2)
+        assert proc.wait(60) == 1  # failures: Locust's exit code says so
+    finally:
+        broker.signal(signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        broker.stop()
+
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    row = next(r for r in stats if r["name"] == "telemetry")
+    # Given up publishes keep their slot of the window until the connection ends: never more
+    # than the broker's Receive Maximum at a time (before, 60 in a 3 s stall).
+    timeouts = failures("PubackTimeout")
+    assert 0 < timeouts <= 20, timeouts
+    assert failures("BehindSchedule") > 0
+    records = [json.loads(line) for line in (tmp_path / "acked").read_text().splitlines()[1:]]
+    unconfirmed = sum(
+        last - first + 1 for r in records for _, first, last in r.get("unconfirmed", [])
+    )
+    assert unconfirmed == timeouts
+    acked = sum(last - first + 1 for r in records for _, first, last in r["acked"])
+    assert acked == row["num_requests"] - row["num_failures"]
