@@ -10,6 +10,8 @@ gevent's monkeypatching never reaches the test process.
 5. The spike shape jumps to its peak and back.
 6. GatewayUser against `iotbridge gateway`, single and NDJSON bulk: 0 failures, the entries in
    Redis are the readings answered "stored", and the audit finds each once.
+7. A stalled broker: at most its Receive Maximum of PUBACK timeouts, the rest skipped, exit 1.
+8. Neither Locust nor gevent's patches reach the test process.
 """
 
 from __future__ import annotations
@@ -489,3 +491,14 @@ def test_7_a_stalled_broker_gives_bounded_puback_timeouts_then_skips(tmp_path: P
     assert unconfirmed == timeouts
     acked = sum(last - first + 1 for r in records for _, first, last in r["acked"])
     assert acked == row["num_requests"] - row["num_failures"]
+
+
+def test_8_locust_and_gevent_stay_out_of_the_test_process() -> None:
+    """Locust patches the standard library with gevent when imported; it runs only in the
+    subprocesses above, so this process (and every test after it) keeps the real socket."""
+    import socket
+    import threading
+
+    assert "locust" not in sys.modules
+    assert socket.socket.__module__ == "socket"
+    assert threading.Thread.__module__ == "threading"
