@@ -267,6 +267,8 @@ class ShardState:
         keyed: list[Keyed] = []
         for groups in _rounds(names, placed):
             for plan, positions in groups.items():
+                if not plan.checks:
+                    continue  # an asset no check applies to: nothing to run
                 if len(positions) >= self._engine.columns_from and plan.order:
                     done = len(keyed)
                     try:

@@ -174,3 +174,19 @@ def test_batches_sent_and_not_written_roll_back_to_the_last_written() -> None:
     state.committed(events, *second.positions[SHARD])
     state.rollback()
     assert rows(state) == after_second
+
+
+def test_assets_no_check_applies_to_are_kept_and_checkpointed_alike(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    entries = fleet(seed=6, assets=40, steps=3)
+
+    def outputs() -> Any:
+        state = ShardState(SHARD, Engine([]))
+        out = process([Delivery(state, entries)], 3, {}).outputs
+        return out.acks, out.checkpoints, out.processed, sorted(state.assets)
+
+    got = outputs()
+    monkeypatch.setattr(columns, "COLUMNS_FROM", 10**9)
+    assert got == outputs()
+    assert len(got[1][SHARD]) == 41  # every asset and the meta field
