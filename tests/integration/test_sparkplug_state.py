@@ -170,3 +170,36 @@ async def test_20_of_20_clean_stops_publish_offline_with_the_stop_time_before_di
             observer.messages.clear()
     finally:
         await asyncio.to_thread(observer.close)
+
+
+async def test_an_offline_state_for_its_own_id_is_answered_with_its_birth_3_of_3_times(
+    make_settings: Callable[..., Settings], unique: str
+) -> None:
+    settings = _settings(make_settings, unique)
+    topic = f"spBv1.0/STATE/{unique}"
+    observer = await asyncio.to_thread(Observer, settings.mqtt.url, topic, f"{unique}-obs")
+    try:
+        async with running_bridge(settings) as app:
+            session = app.sparkplug
+            assert session is not None
+            connect_ms = session.host.connect_ms
+            for attempt in range(3):
+                # Another client (or a stale retained Will) says this host is offline.
+                stale = json.dumps({"online": False, "timestamp": 1000 + attempt}).encode()
+                observer.client.publish(topic, stale, qos=1, retain=True).wait_for_publish(5)
+
+                def answered(after: int = attempt) -> bool:
+                    seen = observer.seen()
+                    marks = [i for i, s in enumerate(seen) if s.timestamp == 1000 + after]
+                    return bool(marks) and any(
+                        s.online and s.timestamp == connect_ms for s in seen[marks[-1] :]
+                    )
+
+                await wait_for(answered, 5, f"the birth again ({attempt})")
+            assert session.online
+            assert session.host.connect_ms == connect_ms  # answered on the same connection
+            # What a new subscriber is given: the birth again, with the connection's time.
+            retained = await asyncio.to_thread(_retained, settings.mqtt.url, topic, f"{unique}-l")
+            assert [(s.online, s.timestamp) for s in retained] == [(True, connect_ms)]
+    finally:
+        await asyncio.to_thread(observer.close)
