@@ -204,7 +204,7 @@ def test_1_distributed_headless_run_keeps_the_rate_and_loses_nothing(
     """A master and 2 workers, headless, 2,000 devices x 1 Hz for 20 s, CSV and HTML reports."""
     acked = tmp_path / "acked.jsonl"
     run = LocustRun(pipeline, tmp_path, [
-        "--headless", "-u", str(FLEET_USERS + 1), "-r", str(FLEET_USERS + 1), "-t", "20s",
+        "--headless", "-u", str(FLEET_USERS + 1), "-r", "100", "-t", "20s",
         "--csv", str(tmp_path / "run"), "--html", str(tmp_path / "report.html"),
         "--devices-per-user", str(DEVICES_PER_USER), "--device-rate", str(RATE_HZ), "--qos", "1",
         "--acked", str(acked), "--stop-timeout", "10",
