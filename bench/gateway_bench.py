@@ -256,7 +256,7 @@ def render(rounds: list[list[Run]], started: str, version: str, duration_s: floa
         "",
         f"Run {started}, code {version}, {len(rounds)} round(s) of {duration_s:g} s per "
         f"measurement; `wrk -t1 -c{CONNECTIONS}` (Debian's wrk, Lua script), one redis-server "
-        "(no persistence) shared by both subjects, each subject one process (uvicorn, h11, "
+        "(no persistence) shared by both subjects, each subject one process (uvicorn with httptools, "
         "asyncio loop). Medians over rounds:",
         "",
         f"- requests/s at {CONNECTIONS} connections: gateway {med('gateway', 'max', 'rps'):,.0f} "
