@@ -39,7 +39,7 @@ from bridge.spool import Spool, SpoolFull
 from config.errors import ConfigError, SinkUnavailable
 from config.keys import Keys
 from config.settings import Settings
-from observability.lifecycle import Backoff
+from observability.lifecycle import Backoff, wait_any
 from observability.metrics import UNROUTED, BridgeMetrics
 
 log = logging.getLogger(__name__)
@@ -335,7 +335,7 @@ class BridgeApp:
         self._arrived.clear()
         try:
             async with asyncio.timeout(timeout):
-                await _wait_any(self._arrived, stop)
+                await wait_any(self._arrived, stop)
         except TimeoutError:
             pass
 
@@ -545,15 +545,6 @@ class BridgeApp:
             writer.cancel()
         await self.source.close()
         log.info("bridge stopped")
-
-
-async def _wait_any(*events: asyncio.Event) -> None:
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 # The `kind` label of a failed write, by the class of what redis-py raised; first match wins

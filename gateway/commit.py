@@ -26,7 +26,7 @@ from bridge.sink import Append, RedisSink
 from config.errors import SinkUnavailable
 from config.gateway_settings import GatewaySettings
 from gateway.context import Unavailable
-from observability.lifecycle import Backoff
+from observability.lifecycle import Backoff, wait_any
 from observability.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class GroupCommit:
             while not (stop.is_set() and not self._queue):
                 if not self._queue:
                     self._arrived.clear()
-                    await _wait_any(self._arrived, stop)
+                    await wait_any(self._arrived, stop)
                     continue
                 await self._slots.acquire()
                 # One turn of the event loop first: the requests read in the same turn as the
@@ -188,12 +188,3 @@ class GroupCommit:
         self._backoff.reset()
         self._retry_at = 0.0
         self._metrics.connected.set(1)
-
-
-async def _wait_any(*events: asyncio.Event) -> None:
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()

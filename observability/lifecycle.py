@@ -56,6 +56,16 @@ async def stopped_within(stop: asyncio.Event, delay_s: float) -> bool:
     return True
 
 
+async def wait_any(*events: asyncio.Event) -> None:
+    """Wait until one of the events is set."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 def install_signal_handlers(stop: asyncio.Event) -> None:
     """SIGTERM and SIGINT set `stop`; a second one exits at once."""
     loop = asyncio.get_running_loop()

@@ -19,7 +19,14 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from simulators.wire import FIRST_FAILURE, PUBACK, READ_SIZE, _remaining_length, publish_packet
+from simulators.wire import (
+    FIRST_FAILURE,
+    PUBACK,
+    READ_SIZE,
+    _remaining_length,
+    publish_packet,
+    varint,
+)
 
 CONNECT, CONNACK, PINGREQ, PINGRESP, DISCONNECT = 0x10, 0x20, 0xC0, 0xD0, 0xE0
 _U16 = struct.Struct("!H")
@@ -37,15 +44,6 @@ _UNBOUNDED_WINDOW = 65_535
 
 class MqttRefused(ConnectionError):
     """The broker refused the connection, or closed it with a reason."""
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _string(text: str) -> bytes:
@@ -72,7 +70,7 @@ def connect_packet(
     if password is not None:
         payload += _string(password)
     body = variable + payload
-    return bytes((CONNECT,)) + _varint(len(body)) + body
+    return bytes((CONNECT,)) + varint(len(body)) + body
 
 
 def receive_maximum(properties: bytes) -> int:

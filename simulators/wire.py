@@ -33,7 +33,8 @@ def topic_field(topic: str) -> bytes:
     return _U16.pack(len(raw)) + raw
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """An MQTT variable byte integer (the remaining length, property lengths)."""
     out = bytearray()
     while True:
         n, digit = n >> 7, n & 0x7F
@@ -49,9 +50,9 @@ def publish_packet(topic: bytes, payload: bytes, mid: int, *, v5: bool) -> bytes
     if mid:
         ident = _U16.pack(mid)
         length = len(topic) + 2 + len(props) + len(payload)
-        return b"%c%b%b%b%b%b" % (PUBLISH_QOS1, _varint(length), topic, ident, props, payload)
+        return b"%c%b%b%b%b%b" % (PUBLISH_QOS1, varint(length), topic, ident, props, payload)
     length = len(topic) + len(props) + len(payload)
-    return b"%c%b%b%b%b" % (PUBLISH_QOS0, _varint(length), topic, props, payload)
+    return b"%c%b%b%b%b" % (PUBLISH_QOS0, varint(length), topic, props, payload)
 
 
 def _remaining_length(data: bytes, at: int, end: int) -> tuple[int, int] | None:

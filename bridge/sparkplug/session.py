@@ -67,7 +67,7 @@ from bridge.sparkplug.topic import MessageType, subscriptions
 from config.errors import SinkUnavailable, SourceUnavailable
 from config.keys import Keys, shard_of
 from config.settings import Settings
-from observability.lifecycle import Backoff
+from observability.lifecycle import Backoff, wait_any
 from observability.metrics import SparkplugMetrics
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ class SparkplugSession:
         backoff = Backoff(self.settings.backoff)
         while not closing.is_set() and not self._stopping:
             if self._sink_down.is_set():
-                await _first(self._sink_up, closing)
+                await wait_any(self._sink_up, closing)
                 continue
             try:
                 pump = await self._connect()
@@ -274,7 +274,7 @@ class SparkplugSession:
                     return
                 continue
             backoff.reset()
-            await _first(self._lost, closing, self._sink_down)
+            await wait_any(self._lost, closing, self._sink_down)
             if not self._lost.is_set():
                 await self._go_offline()
             await _finish(pump, self._client)
@@ -547,16 +547,6 @@ def _text(value: bytes | str) -> str:
 def _settle(future: asyncio.Future[Any] | None, result: Any) -> None:
     if future is not None and not future.done():
         future.set_result(result)
-
-
-async def _first(*events: asyncio.Event) -> None:
-    """Wait until one of the events is set."""
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
 
 
 async def _finish(pump: threading.Thread, client: mqtt.Client | None) -> None:
