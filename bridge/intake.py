@@ -32,6 +32,7 @@ class Pending:
     append: Append | None
     reason: Reason | None
     device_ts: float | None = None  # the payload's ts, for the publish-to-write latency
+    error: str = ""  # a dead letter's `error` field
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,9 +228,11 @@ class Intake:
 
     def dead_letter(self, inbound: Inbound, route: str, reason: Reason, detail: str) -> Pending:
         cap = self._settings.dlq_payload_bytes
+        error = detail[:500]
         fields: list[bytes | str] = [
-            "topic", inbound.raw_topic, "route", route, "reason", reason.value, "error", detail[:500],
+            "topic", inbound.raw_topic, "route", route, "reason", reason.value, "error", error,
             "rx", repr(inbound.received_wall), "size", str(len(inbound.payload)),
             "payload", inbound.payload[:cap],
         ]  # fmt: skip
-        return Pending(inbound, route, Append.of(self._keys.dead_letters, fields), reason)
+        return Pending(inbound, route, Append.of(self._keys.dead_letters, fields), reason,
+                       error=error)  # fmt: skip

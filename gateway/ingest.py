@@ -67,20 +67,9 @@ class Ingestor:
         for item in items:
             entry = next(ids) if item.append is not None else None
             if item.reason is not None:
-                error = _error_of(item)
-                outcomes.append(IngestOutcome("rejected", None, item.reason.value, error))
+                outcomes.append(IngestOutcome("rejected", None, item.reason.value, item.error))
             elif entry is None:
                 outcomes.append(IngestOutcome("duplicate", None, None, None))
             else:
                 outcomes.append(IngestOutcome("stored", entry.decode(), None, None))
         return outcomes
-
-
-def _error_of(item: Pending) -> str:
-    """The `error` field of a dead letter, read back from its packed append."""
-    assert item.append is not None
-    fields = item.append.fields()
-    for name, value in zip(fields[::2], fields[1::2], strict=True):
-        if name == b"error":
-            return value.decode("utf-8", "replace")
-    return ""

@@ -25,16 +25,17 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from prometheus_client.parser import text_string_to_metric_families
 
 from simulators.audit import Pair, SeqSet, read_stream
 from tests.services import (
     Service,
     free_port,
     http_get,
+    metric_total,
     mosquitto_service,
     redis_service,
     require,
+    scrape,
     wait_until,
 )
 
@@ -177,20 +178,11 @@ class Bridge:
         return http_get(self.port, "/readyz")[0] == 200
 
     def metrics(self) -> dict[str, float]:
-        """Every sample as `name{label="value",...}` (labels sorted) -> value."""
-        status, text = http_get(self.port, "/metrics")
-        assert status == 200
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return out
+        return scrape(self.port)
 
     def total(self, name: str, metrics: dict[str, float] | None = None) -> float:
         """A metric summed over all its label sets."""
-        metrics = self.metrics() if metrics is None else metrics
-        return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+        return metric_total(self.metrics() if metrics is None else metrics, name)
 
     def kill(self) -> None:
         """kill -9, and reap it."""

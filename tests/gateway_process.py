@@ -8,9 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from tests.services import Service, free_port, http_get, wait_until
+from tests.services import Service, free_port, http_get, metric_total, scrape, wait_until
 
 
 class GatewayProcess:
@@ -67,25 +65,11 @@ class GatewayProcess:
         return result.stdout.strip()
 
     def metrics(self) -> dict[str, float]:
-        """Every sample as `name{label="value",...}` (labels sorted) -> value."""
-        status, text = http_get(self.port, "/metrics")
-        assert status == 200
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return out
+        return scrape(self.port)
 
     def total(self, name: str, metrics: dict[str, float] | None = None, **labels: str) -> float:
         """A metric summed over its label sets that have `labels`."""
-        metrics = self.metrics() if metrics is None else metrics
-        want = [f'{k}="{v}"' for k, v in labels.items()]
-        return sum(
-            v
-            for k, v in metrics.items()
-            if (k == name or k.startswith(name + "{")) and all(w in k for w in want)
-        )
+        return metric_total(self.metrics() if metrics is None else metrics, name, **labels)
 
     def tail(self, lines: int = 30) -> str:
         return self.service.tail(lines)

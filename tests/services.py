@@ -18,12 +18,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 REQUIRE_SERVICES = os.environ.get("IOTBRIDGE_REQUIRE_SERVICES") == "1"
 T = TypeVar("T")
@@ -75,6 +76,41 @@ def http_get(port: int, path: str, timeout_s: float = 2) -> tuple[int, str]:
         return exc.code, exc.read().decode()
     except OSError:
         return 0, ""
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every sample of a process's /metrics as `name{label="value",...}` (labels sorted) -> value."""
+    status, text = http_get(port, "/metrics")
+    assert status == 200
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def metric_total(metrics: dict[str, float], name: str, **labels: str) -> float:
+    """A metric of `scrape` summed over its label sets that have `labels`."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(
+        v
+        for k, v in metrics.items()
+        if (k == name or k.startswith(name + "{")) and all(w in k for w in want)
+    )
+
+
+def stop_processes(procs: Sequence[subprocess.Popen[Any]], timeout_s: float) -> None:
+    """SIGTERM every process, then wait for each; one still running after `timeout_s` is killed."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def wait_until(

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.services import free_port, http_get, missing, wait_until
+from tests.services import free_port, http_get, missing, stop_processes, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -157,15 +157,7 @@ class LocustRun:
         return self.master.returncode
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs, 15)
         self._stack.close()
 
 
