@@ -15,7 +15,8 @@
 Device ids never collide between workers: worker w owns the `--devices-per-worker` ids from
 `--first-device + w * devices-per-worker` on (index 0 is `a000001`),
 and a user takes a free block of `--devices-per-user` of them (a stopped user's block, with its
-devices' seq counters, goes to the next user). `--acked FILE` writes what the broker acknowledged
+devices' seq counters, goes to the next user); a user's MQTT client id names its block's first
+device, so it is unique wherever the devices are. `--acked FILE` writes what the broker acknowledged
 (or the gateway stored), per process (`FILE.w<index>` on a worker), for `iotbridge audit --acked`.
 
 Settings (route, broker credentials, Redis) come from `--iotbridge-config` or config/settings.yaml,
@@ -298,7 +299,9 @@ class MqttFleetUser(User):
                             keepalive_s=m.keepalive_s, connect_timeout_s=m.connect_timeout_s,
                             username=m.username,
                             password=m.password.get_secret_value() if m.password else None)  # fmt: skip
-        client_id = f"{settings.simulator.client_id_prefix}-locust-w{worker_index(self.environment)}-{self.slot}"
+        # Named after the block's first device, as device ids never collide: runs side by side
+        # (separate --first-device) never take each other's connections over at the broker.
+        client_id = f"{settings.simulator.client_id_prefix}-locust-{self.block.fleet.first}"
         self.client = MqttPublisher(endpoint, client_id)
         self.pending: dict[int, tuple[int, int, float, int]] = {}  # mid: device, seq, sent, size
         # Given up (timed out) but unacknowledged: still in flight for the broker, whose Receive
