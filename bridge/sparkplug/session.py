@@ -78,6 +78,7 @@ _BATCH = 500
 # How long paho's network loop waits in select before looking at its stop flag again.
 _PUMP_TIMEOUT_S = 0.2
 _MESSAGE_TYPES = frozenset({*(str(t) for t in MessageType), "STATE"})
+_COMMANDS = frozenset({str(MessageType.NCMD), str(MessageType.DCMD)})
 
 
 @dataclass(slots=True)
@@ -189,6 +190,10 @@ class SparkplugSession:
         if received.topic.startswith("spBv1.0/STATE/"):
             kind = "STATE"
         self.metrics.received.labels(kind if kind in _MESSAGE_TYPES else "invalid").inc()
+        if kind in _COMMANDS:
+            # Commands to edge nodes (this host's own rebirth requests among them, as it subscribes
+            # to whole groups): the host ignores them, so they take no room in the queue.
+            return
         if received.qos == 0 and len(self.queue) >= self._max_queued:
             self.metrics.dropped.inc()
             return
