@@ -51,7 +51,7 @@ def locust_run(port: int, counter: BrokerCounter, workdir: Path, *, target: int,
     log = (workdir / "locust.log").open("wb")
     try:
         if workers:
-            master_port = _free_port()
+            master_port = services.free_port()
             procs.append(subprocess.Popen(
                 [*run, "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port",
                  str(master_port), "--expect-workers", str(workers), "MqttFleetUser"],
@@ -99,14 +99,6 @@ def locust_run(port: int, counter: BrokerCounter, workdir: Path, *, target: int,
         "steady_cores": round(cores, 3),
         "steady_cpu_us_per_msg": round(cores * 1e6 / broker_rate, 1) if broker_rate else None,
     }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- the client under gevent ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -53,8 +54,33 @@ def set_directive(conf: str, name: str, value: str) -> str:
     return conf
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A loopback port free now, below the kernel's ephemeral range and not handed out before by
+    this process. A port from bind(0) is an ephemeral one: an outgoing connection (a client of
+    another test's server) could take it as its local port before the service binds it."""
+    low = _ephemeral_low()
+    candidates = list(range(max(1024, low - 12_000), low))
+    random.shuffle(candidates)
+    for port in candidates:
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as sock:  # a system whose ephemeral range starts near 1024
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
