@@ -32,7 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from bridge.intake import Intake, Pending
 from bridge.partitions import PartitionedSource
 from bridge.retention import Retention
-from bridge.sink import RedisSink
+from bridge.sink import ReplicasBehind, make_sink
 from bridge.source import Inbound, MqttSource
 from bridge.sparkplug.session import SparkplugSession
 from bridge.spool import Spool, SpoolFull
@@ -68,9 +68,9 @@ class BridgeApp:
         self.settings = settings
         self.registry = registry
         self.metrics = BridgeMetrics(registry)
-        self.keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
+        self.keys = Keys.of(settings.redis)
         self.intake = Intake(settings.bridge, self.keys)
-        self.sink = RedisSink(settings.redis, self.intake.write_keys)
+        self.sink = make_sink(settings.redis, self.intake.write_keys)
         self.source: MqttSource | PartitionedSource
         if settings.bridge.partitions:
             # One session per partition owned (leases in Redis), for a fleet of bridges.
@@ -103,6 +103,7 @@ class BridgeApp:
         self._spool_backoff = Backoff(settings.backoff)
         self._spool_retry_at = 0.0  # the same for a full spool
         self.redis_ok = False
+        self._redis_error = ""  # why the last write failed, for /readyz
         self.metrics.in_flight.set_function(self.in_flight)
         self.metrics.oldest_unacked_age.set_function(self.oldest_unacked_age_s)
         if self.spool is not None:
@@ -392,6 +393,7 @@ class BridgeApp:
             log.warning("redis unavailable, %s and retrying with backoff", action,
                         extra={"error": str(exc), "in_flight": self.in_flight()})  # fmt: skip
         self._set_redis(ok=False)
+        self._redis_error = str(exc)
         self.source.release()  # nothing is acknowledged now: read on, as the broker's bound allows
         self.metrics.write_errors.labels(_kind(exc)).inc()
         self.metrics.reconnects.labels("redis").inc()
@@ -444,7 +446,9 @@ class BridgeApp:
         # Redis first: the bridge connects it before MQTT, so while Redis refuses (a bad TLS
         # certificate, a wrong password) "mqtt not connected" would point at the wrong server.
         if not self.redis_ok:
-            return False, "redis unavailable"
+            return False, f"redis unavailable: {self._redis_error}" if self._redis_error else (
+                "redis unavailable"
+            )
         if not self.source.connected:
             return False, "mqtt not connected"
         if not self.source.subscribed:
@@ -553,6 +557,7 @@ _KINDS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], str],
     (BusyLoadingError, "loading"),
     (OutOfMemoryError, "oom"),
     (ReadOnlyError, "readonly"),
+    (ReplicasBehind, "replicas"),
     ((RedisTimeoutError, TimeoutError), "timeout"),
     ((RedisConnectionError, ConnectionError), "connection"),
 )

@@ -396,7 +396,7 @@ def audit(
         raise typer.Exit(2) from exc
     name = loaded.header.get("route")
     route = next((r for r in settings.bridge.routes if r.name == name), settings.bridge.routes[0])
-    keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
+    keys = Keys.of(settings.redis)
     r = settings.redis
     # A whole stream is read page by page: a longer command timeout than the bridge's.
     options = {**r.client_options(), "socket_timeout": 30}

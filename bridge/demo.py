@@ -142,7 +142,7 @@ class Demo:
     def __init__(self, settings: Settings, config: Path | None, workdir: Path, assets: int) -> None:
         self.settings = settings
         self.workdir = workdir
-        self.keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
+        self.keys = Keys.of(settings.redis)
         self.redis_port = _pick_port(6379)
         self.mqtt_port = _pick_port(settings.broker.port)
         self.ports = {name: _pick_port(port) for name, port in (

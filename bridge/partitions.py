@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import RedisError
 
+from bridge.redis_nodes import redis_client
 from bridge.routing import RouteTable
-from bridge.sink import redis_client
 from bridge.source import Inbound, MqttSource
 from config.keys import Keys
 from config.settings import Settings

@@ -27,16 +27,16 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from config.errors import ConfigError, ConfigProblem, SinkUnavailable
-from config.settings import RedisSettings
+from bridge.redis_nodes import Address, Nodes, connect, redis_client, slot_of
+from config.errors import ConfigError, ConfigProblem, DependencyUnavailable, SinkUnavailable
+from config.settings import DurabilitySettings, RedisSettings
 
 log = logging.getLogger(__name__)
 
@@ -194,28 +194,50 @@ class Append:
         return out
 
 
-def redis_client(
-    settings: RedisSettings, *, decode_responses: bool = False, client_name: str | None = None
-) -> aioredis.Redis:
-    """A client with short timeouts and no blind retries: the caller owns retry decisions.
-
-    redis-py's defaults retry a timed-out write three times (measured: 14 s to fail one XADD to
-    a stopped Redis, which it then applied anyway), so a retry here could duplicate a batch and
-    would hide an outage from the caller's backoff, logs and metrics.
-    """
-    return aioredis.Redis.from_url(
-        settings.url,
-        **settings.client_options(),
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-        health_check_interval=0,
-        decode_responses=decode_responses,
-        client_name=client_name,
-    )
-
-
 def _bulk(value: str) -> bytes:
     return bulk(value.encode())
+
+
+class ReplicasBehind(RedisError):
+    """Fewer replicas than `redis.durability.replicas` confirmed a write in time."""
+
+
+def wait_command(durability: DurabilitySettings) -> bytes:
+    """The WAIT (or WAITAOF) that follows a write on its connection, in RESP; b"" for none."""
+    if durability.fsync:
+        args: tuple[str, ...] = ("WAITAOF", "1", str(durability.replicas))
+    elif durability.replicas:
+        args = ("WAIT", str(durability.replicas))
+    else:
+        return b""
+    args += (str(durability.timeout_ms),)
+    return b"*%d\r\n" % len(args) + b"".join(_bulk(arg) for arg in args)
+
+
+def check_wait(reply: object, durability: DurabilitySettings) -> None:
+    """Raise ReplicasBehind unless the reply of `wait_command` confirms what was asked."""
+    wanted, ms = durability.replicas, durability.timeout_ms
+    if durability.fsync:
+        local, replicas = (int(n) for n in reply)  # type: ignore[attr-defined]  # a RESP array
+        if local < 1 or replicas < wanted:
+            raise ReplicasBehind(
+                f"the write reached the append-only file of {local} of 1 master and {replicas} "
+                f"of {wanted} replicas within {ms} ms"
+            )
+    elif int(reply) < wanted:  # type: ignore[call-overload]  # a RESP integer
+        raise ReplicasBehind(f"{reply} of {wanted} replicas confirmed the write within {ms} ms")
+
+
+async def _replies(conn: Connection, count: int) -> list[object]:
+    """`count` replies read in turn; an error reply is returned, not raised, so every reply of a
+    request is read and the connection stays in step."""
+    out: list[object] = []
+    for _ in range(count):
+        try:
+            out.append(await conn.read_response())
+        except ResponseError as exc:
+            out.append(exc)
+    return out
 
 
 _NO_DEDUP = b"".join(_bulk(v) for v in ("0", "", "0", "0"))
@@ -230,10 +252,15 @@ class RedisSink:
     """
 
     def __init__(
-        self, settings: RedisSettings, keys: Sequence[str], *, entry_ids: bool = False
-    ) -> None:
-        """`entry_ids`: `write_ids` answers each written entry's id (`write` is then unusable)."""
-        self._redis = redis_client(settings)
+        self, settings: RedisSettings, keys: Sequence[str], *, entry_ids: bool = False,
+        client: aioredis.Redis | None = None,
+    ) -> None:  # fmt: skip
+        """`entry_ids`: `write_ids` answers each written entry's id (`write` is then unusable).
+        `client`: the Redis to write to (one node of a cluster), kept open by `close`."""
+        self._redis = client or redis_client(settings)
+        self._owns_client = client is None
+        self._durability = settings.durability
+        self._wait = wait_command(settings.durability)
         self._keys = list(keys)
         self._index = {key: _bulk(str(i + 1)) for i, key in enumerate(self._keys)}
         self._script = _APPEND_SCRIPT_IDS if entry_ids else _APPEND_SCRIPT
@@ -281,6 +308,7 @@ class RedisSink:
             # CONFIG may be denied to a least-privilege user; the operator owns the policy then.
             log.warning("cannot read maxmemory-policy, not checked", extra={"error": str(exc)})
             return
+            await self._check_durability()
         except (RedisError, OSError) as exc:
             raise SinkUnavailable(f"redis: {exc}") from exc
         if isinstance(policy, bytes):
@@ -290,7 +318,27 @@ class RedisSink:
                 "redis", f"maxmemory-policy is {policy}: Redis would silently evict telemetry "
                 "streams; set it to noeviction (or a volatile-* policy)")])  # fmt: skip
 
-    async def _execute(self, command: bytes) -> list[int | bytes]:
+    async def _check_durability(self) -> None:
+        """Refuse `durability.fsync` on a Redis without WAITAOF (before 7.2); say when fewer
+        replicas are connected than each write waits for (it is held until they are)."""
+        durability = self._durability
+        if durability.fsync:
+            found = await self._redis.execute_command("COMMAND", "INFO", "WAITAOF")  # type: ignore[no-untyped-call]  # untyped in redis-py
+            if not found or not any(found):
+                raise ConfigError([ConfigProblem(
+                    "redis.durability.fsync", "this Redis has no WAITAOF (Redis 7.2+): set fsync "
+                    "to false, or upgrade Redis")])  # fmt: skip
+        if durability.replicas:
+            info = await self._redis.info("replication")
+            connected = int(info.get("connected_slaves", 0))
+            if connected < durability.replicas:
+                log.warning(
+                    "fewer replicas connected than redis.durability.replicas: writes are not "
+                    "acknowledged until enough confirm them",
+                    extra={"connected": connected, "wanted": durability.replicas},
+                )
+
+    async def _execute(self, command: bytes, count: int = 1) -> list[object]:
         """Send a command on the sink's own connection and read its reply, in call order.
 
         Several batches may be in flight on the connection at once: Redis answers one client's
@@ -318,18 +366,17 @@ class RedisSink:
             # An earlier caller's failure dropped the connection (the same object may be back
             # from the pool, reconnected): this reply is lost with it.
             lost = generation != self._generation or self._conn is None
-            reply = None if lost else await conn.read_response()
-        except ResponseError:
-            raise  # an error reply (NOSCRIPT, OOM) was read whole: the connection is still in step
+            # An error reply (NOSCRIPT, OOM, MOVED) is read whole: the connection stays in step.
+            replies = None if lost else await _replies(conn, count)
         except BaseException:
             await self._drop(conn)
             raise
         finally:
             if not turn.done():
                 turn.set_result(None)
-        if reply is None:  # lost
+        if replies is None:  # lost
             raise RedisConnectionError("the connection failed before this reply was read")
-        return list(reply)
+        return replies
 
     async def _send(self, conn: Connection, generation: int, command: bytes) -> None:
         """Write a command, unless the connection was dropped since this caller took it (an
@@ -361,20 +408,32 @@ class RedisSink:
         written, duration = await self._write(appends)
         return [flag if isinstance(flag, bytes) else None for flag in written], duration
 
+    async def _run(self, command: bytes) -> list[int | bytes]:
+        """The script's reply; with durability, only once the replicas confirmed it (WAIT on
+        the same connection, sent with it: redis-py's own `wait` may take another connection,
+        whose writes are not these)."""
+        replies = await self._execute(command, 2 if self._wait else 1)
+        failed = next((r for r in replies if isinstance(r, ResponseError)), None)
+        if failed is not None:
+            raise failed
+        if self._wait:
+            check_wait(replies[1], self._durability)
+        return cast("list[int | bytes]", replies[0])  # the script's array
+
     async def _write(self, appends: Sequence[Append]) -> tuple[list[int | bytes], float]:
         if not appends:
             return [], 0.0
         started = time.perf_counter()
-        command = self.pack(appends)
+        command = self.pack(appends) + self._wait
         try:
             try:
-                written = await self._execute(command)
+                written = await self._run(command)
             except NoScriptError:
                 # Redis restarted (scripts are not persisted): load it and try once more. With
                 # several batches in flight each does so; their entries may then land in another
                 # order than they were sent (their acks still leave in order).
                 await self._redis.script_load(self._script)
-                written = await self._execute(command)
+                written = await self._run(command)
         except (RedisError, OSError) as exc:
             raise SinkUnavailable(f"{type(exc).__name__}: {exc}") from exc
         return written, time.perf_counter() - started
@@ -382,4 +441,116 @@ class RedisSink:
     async def close(self) -> None:
         if self._conn is not None:
             await self._drop(self._conn)
-        await self._redis.aclose()
+        if self._owns_client:
+            await self._redis.aclose()
+
+
+class ClusterSink:
+    """RedisSink's batches on a Redis Cluster.
+
+    A batch is split by hash slot (a shard's telemetry streams and dedup states share its hash
+    tag; the dead-letter stream has a slot of its own) and each part is written by the RedisSink
+    of its slot, on its own connection to the slot's master, every part at once: each part is one
+    atomic script in one slot, followed by its WAIT. The batch is stored when every part is; a
+    part that fails fails the batch, which is written again whole (the parts already stored are
+    then duplicates, which the dedup drops; a dead letter may be stored twice). Any failure marks
+    the slot table stale: a MOVED, an ASK or a TRYAGAIN while a slot moves, a master gone in a
+    failover are all followed on the retry, never dead-lettered, never acknowledged early.
+    """
+
+    def __init__(
+        self, settings: RedisSettings, keys: Sequence[str], *, entry_ids: bool = False
+    ) -> None:
+        self._settings = settings
+        self._entry_ids = entry_ids
+        self._slot = {key: slot_of(key) for key in keys}
+        self._by_slot: dict[int, list[str]] = {}
+        for key, slot in self._slot.items():
+            self._by_slot.setdefault(slot, []).append(key)
+        self._nodes = Nodes(settings)
+        self._sinks: dict[int, tuple[Address, RedisSink]] = {}
+        self._client = connect(settings)
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The cluster client, for the single-key commands beside the batches."""
+        return self._client
+
+    async def check(self) -> None:
+        """What `RedisSink.check` does, on every master."""
+        try:
+            await self._nodes.refresh()
+        except DependencyUnavailable as exc:
+            raise SinkUnavailable(str(exc)) from exc
+        for address in self._nodes.masters:
+            client = self._nodes.client(address)
+            await RedisSink(self._settings, [], entry_ids=self._entry_ids, client=client).check()
+
+    async def _sink(self, slot: int) -> RedisSink:
+        """The sink of one slot, on the connection to its master by the current table."""
+        if self._nodes.stale:
+            await self._nodes.refresh()
+        keys = self._by_slot[slot]
+        address = self._nodes.address(keys[0])
+        held = self._sinks.get(slot)
+        if held is not None and held[0] == address:
+            return held[1]
+        if held is not None:
+            await held[1].close()  # its connection; the node's client stays
+        sink = RedisSink(
+            self._settings, keys, entry_ids=self._entry_ids, client=self._nodes.client(address)
+        )
+        self._sinks[slot] = (address, sink)
+        return sink
+
+    async def write(self, appends: Sequence[Append]) -> tuple[list[int], float]:
+        """As `RedisSink.write`."""
+        written, duration = await self._write(appends)
+        return [int(flag) for flag in written], duration
+
+    async def write_ids(self, appends: Sequence[Append]) -> tuple[list[bytes | None], float]:
+        """As `RedisSink.write_ids`."""
+        written, duration = await self._write(appends)
+        return [flag if isinstance(flag, bytes) else None for flag in written], duration
+
+    async def _write(self, appends: Sequence[Append]) -> tuple[list[int | bytes], float]:
+        started = time.perf_counter()
+        parts: dict[int, list[int]] = {}
+        for i, append in enumerate(appends):
+            parts.setdefault(self._slot[append.stream], []).append(i)
+        try:
+            sinks = [await self._sink(slot) for slot in parts]
+        except DependencyUnavailable as exc:
+            raise SinkUnavailable(str(exc)) from exc
+        results = await asyncio.gather(
+            *(
+                sink._write([appends[i] for i in part])
+                for sink, part in zip(sinks, parts.values(), strict=True)
+            ),
+            return_exceptions=True,
+        )
+        out: list[int | bytes] = [0] * len(appends)
+        for part, result in zip(parts.values(), results, strict=True):
+            if isinstance(result, BaseException):
+                self._nodes.stale = True
+                raise result
+            for i, flag in zip(part, result[0], strict=True):
+                out[i] = flag
+        return out, time.perf_counter() - started
+
+    async def close(self) -> None:
+        for _, sink in self._sinks.values():
+            await sink.close()
+        self._sinks = {}
+        await self._nodes.close()
+        await self._client.aclose()
+
+
+Sink = RedisSink | ClusterSink
+
+
+def make_sink(settings: RedisSettings, keys: Sequence[str], *, entry_ids: bool = False) -> Sink:
+    """The sink for `redis.cluster` or one Redis, writing to the streams and dedup states `keys`."""
+    if settings.cluster:
+        return ClusterSink(settings, keys, entry_ids=entry_ids)
+    return RedisSink(settings, keys, entry_ids=entry_ids)

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from config.settings import RedisSettings
 
 
 def shard_of(asset: str, shards: int) -> int:
@@ -20,6 +24,15 @@ class Keys:
 
     prefix: str = "iotbridge"
     shards: int = 1
+    # Redis Cluster: every key of a shard carries the shard's hash tag, even with one shard, and
+    # so do the worker's outputs (anomalies, its dead letters), so that one atomic step (the
+    # bridge's dedup and XADD; the worker's fence, outputs, XACK and checkpoint) is in one slot.
+    cluster: bool = False
+
+    @classmethod
+    def of(cls, redis: RedisSettings) -> Keys:
+        """The layout `redis` settings describe: prefix, shards, and cluster."""
+        return cls(redis.key_prefix, redis.stream_shards, redis.cluster)
 
     def telemetry(self, route: str, shard: int = 0) -> str:
         """Telemetry stream of a route (and shard): `iotbridge:tel:<route>`, or with several
@@ -36,7 +49,11 @@ class Keys:
         return self._sharded(f"{self.prefix}:dedup:{route}", shard)
 
     def _sharded(self, base: str, shard: int) -> str:
-        return base if self.shards == 1 else f"{base}:{{{shard}}}"
+        return base if self.shards == 1 and not self.cluster else f"{base}:{{{shard}}}"
+
+    def _clustered(self, base: str, shard: int) -> str:
+        """`base` on one Redis; with cluster, a key of the shard's slot."""
+        return f"{base}:{{{shard}}}" if self.cluster else base
 
     def worker_lease(self, group: str, route: str, shard: int = 0) -> str:
         """Owner of a telemetry stream among a group's workers: `iotbridge:worker:<group>:lease:
@@ -59,10 +76,16 @@ class Keys:
     ) -> str:  # fmt: skip
         """Dedup key of one anomaly event: the entry that caused it (stream and id), the detector,
         the value and start/ended. Entry ids repeat across shard streams, hence route and shard."""
-        return (
+        return self._clustered(
             f"{self.prefix}:anomaly:once:{group}:{route}:{shard}:{source_id}:{detector}:{value}:"
-            f"{event}"
+            f"{event}",
+            shard,
         )
+
+    def worker_fence(self, group: str, owner: str, shard: int = 0) -> str:
+        """A key of the worker's own that its transaction WATCHes (written to abort it when a
+        lease is not ours): `iotbridge:worker:<group>:members:fence:<owner>[:{<shard>}]`."""
+        return self._clustered(f"{self.worker_members(group)}:fence:{owner}", shard)
 
     def bridge_subscriptions(self, client_id: str) -> str:
         """The filters a bridge's persistent session was last subscribed to (JSON list)."""
@@ -91,10 +114,40 @@ class Keys:
 
     @property
     def worker_dead_letters(self) -> str:
-        """Poison entries a worker gave up on: `iotbridge:dlq:worker`."""
+        """Poison entries a worker gave up on: `iotbridge:dlq:worker` (on one Redis)."""
         return f"{self.prefix}:dlq:worker"
+
+    def worker_dead_letters_of(self, shard: int) -> str:
+        """Where a worker dead-letters an entry of `shard`: `iotbridge:dlq:worker`, with cluster
+        `iotbridge:dlq:worker:{<shard>}`."""
+        return self._clustered(self.worker_dead_letters, shard)
+
+    def worker_dead_letter_streams(self) -> list[str]:
+        """Every worker dead-letter stream (one, or one per shard with cluster)."""
+        return self._across(self.worker_dead_letters)
 
     @property
     def anomalies(self) -> str:
-        """Anomaly flags: `iotbridge:anomalies`."""
+        """Anomaly flags: `iotbridge:anomalies` (on one Redis)."""
         return f"{self.prefix}:anomalies"
+
+    def anomalies_of(self, shard: int) -> str:
+        """Where the anomalies of an entry of `shard` go: `iotbridge:anomalies`, with cluster
+        `iotbridge:anomalies:{<shard>}`."""
+        return self._clustered(self.anomalies, shard)
+
+    def anomaly_streams(self) -> list[str]:
+        """Every anomaly stream (one, or one per shard with cluster): readers merge them."""
+        return self._across(self.anomalies)
+
+    def dead_letter_streams(self) -> list[str]:
+        """Every dead-letter stream of the bridge: one, with cluster too (a dead letter is written
+        alone, with no dedup, so it needs no shard's slot)."""
+        return [self.dead_letters]
+
+    def _across(self, base: str) -> list[str]:
+        return (
+            [self._clustered(base, shard) for shard in range(self.shards)]
+            if self.cluster
+            else [base]
+        )

@@ -119,10 +119,42 @@ class MqttSettings(Section):
         return urlsplit(self.url).scheme == "mqtts"
 
 
+class DurabilitySettings(Section):
+    replicas: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Replicas that must confirm a write (WAIT, on the connection that wrote it) "
+        "before the bridge acknowledges its messages or a worker counts its batch as done; 0: "
+        "acknowledged once the master has it (a failover can lose the last writes).",
+    )
+    timeout_ms: int = Field(
+        1000,
+        ge=1,
+        le=600_000,
+        description="Longest wait for the replicas; a write they do not confirm in time is not "
+        "acknowledged and is written again (dedup keeps one copy).",
+    )
+    fsync: bool = Field(
+        False,
+        description="Also wait until the master and the replicas have the write in their "
+        "append-only file (WAITAOF, Redis 7.2+; refused at start by an older server).",
+    )
+
+
 class RedisSettings(Section):
     url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Redis address: redis://host:port/db (rediss:// TLS).",
+        description="Redis address: redis://host:port/db (rediss:// TLS); with cluster, one or "
+        "more seed nodes: redis://host1:port1,host2:port2/0.",
+    )
+    cluster: bool = Field(
+        False,
+        description="Redis Cluster: keys carry a hash tag per shard, each atomic step goes to "
+        "the master of its slot, readers read across shards.",
+    )
+    durability: DurabilitySettings = Field(
+        default_factory=DurabilitySettings, description="Replication required before an ack."
     )
     key_prefix: Name = Field("iotbridge", description="Prefix of every key iotbridge writes.")
     username: str | None = Field(None, description="Redis ACL user name.")
@@ -149,6 +181,38 @@ class RedisSettings(Section):
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must look like redis://host:port/db")
         return value
+
+    @model_validator(mode="after")
+    def _cluster_url(self) -> RedisSettings:
+        if "," in urlsplit(self.url).netloc and not self.cluster:
+            raise ValueError("url names several nodes: set cluster: true, or name one Redis")
+        if self.cluster:
+            parts = urlsplit(self.url)
+            if parts.scheme == "unix":
+                raise ValueError("cluster needs redis:// or rediss:// seed nodes, not unix://")
+            if parts.path.strip("/") not in ("", "0"):
+                raise ValueError("a Redis Cluster has database 0 only: end the url with /0")
+        return self
+
+    def seeds(self) -> list[tuple[str, int]]:
+        """The (host, port) of every node the url names (one, unless a cluster's seed list)."""
+        netloc = urlsplit(self.url).netloc.rpartition("@")[2]
+        seeds = []
+        for node in netloc.split(","):
+            if node.startswith("["):  # [IPv6]:port
+                host, _, rest = node[1:].partition("]")
+                port = rest.lstrip(":")
+            else:
+                host, _, port = node.partition(":")
+            seeds.append((host or "127.0.0.1", int(port or 6379)))
+        return seeds
+
+    def node_url(self, host: str, port: int) -> str:
+        """The url of one node of the cluster: the seed url's scheme, another address."""
+        parts = urlsplit(self.url)
+        userinfo, at, _ = parts.netloc.rpartition("@")
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return f"{parts.scheme}://{userinfo}{at}{netloc}/0"
 
     @model_validator(mode="after")
     def _tls_needs_rediss(self) -> RedisSettings:

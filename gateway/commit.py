@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from bridge.sink import Append, RedisSink
+from bridge.sink import Append, Sink
 from config.errors import SinkUnavailable
 from config.gateway_settings import GatewaySettings
 from gateway.context import Unavailable
@@ -47,7 +47,7 @@ class GroupCommit:
     """The shared write path of every ingest request."""
 
     def __init__(
-        self, sink: RedisSink, settings: GatewaySettings, backoff: Backoff, metrics: GatewayMetrics
+        self, sink: Sink, settings: GatewaySettings, backoff: Backoff, metrics: GatewayMetrics
     ) -> None:
         self._sink = sink
         self._settings = settings

@@ -21,7 +21,8 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from bridge.intake import Intake
-from bridge.sink import RedisSink, redis_client
+from bridge.redis_nodes import redis_client
+from bridge.sink import make_sink
 from config.errors import SinkUnavailable
 from config.keys import Keys
 from config.settings import Settings
@@ -54,9 +55,9 @@ class GatewayApp:
     def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
         self.settings = settings
         self.metrics = GatewayMetrics(registry)
-        self.keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
+        self.keys = Keys.of(settings.redis)
         self.intake = Intake(settings.bridge, self.keys)
-        self.sink = RedisSink(settings.redis, self.intake.write_keys, entry_ids=True)
+        self.sink = make_sink(settings.redis, self.intake.write_keys, entry_ids=True)
         self.reader = redis_client(settings.redis, client_name="iotbridge-gateway")
         self.commit = GroupCommit(self.sink, settings.gateway, Backoff(settings.backoff),
                                   self.metrics)  # fmt: skip

@@ -560,7 +560,7 @@ class TelemetryProbeUser(User):
         self.redis = redis.Redis.from_url(r.url, decode_responses=True, **r.client_options())
         now_s, now_us = self.redis.time()
         start = f"{int(now_s) * 1000 + int(now_us) // 1000}-0"
-        keys = Keys(r.key_prefix, r.stream_shards)
+        keys = Keys.of(r)
         self.after = dict.fromkeys(keys.telemetry_streams(self.route), start)
         self.last_seq: dict[str, int] = {}
         self.gaps: dict[tuple[str, int], float] = {}

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 
-from bridge.sink import redis_client
+from bridge.redis_nodes import redis_client
 from config.settings import Settings
 from observability.metrics import WorkerMetrics
 from workers.consumer import Consumer, consumer_name

@@ -91,7 +91,7 @@ class Consumer:
         # The loop must come round often enough to renew the leases in time.
         self._block_ms = max(1, min(worker.block_ms, socket_ms, int(self._beat_s * 500)))
         self._backoff_settings = settings.backoff
-        self._keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
+        self._keys = Keys.of(settings.redis)
         self._shards = shards_of(self._keys, self._group, settings.telemetry_routes)
         self._engine = engine
         self._leases = Leases(

@@ -58,7 +58,7 @@ from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
 from bridge.record import Reason
-from bridge.sink import Append, Dedup, RedisSink
+from bridge.sink import Append, Dedup, make_sink
 from bridge.sparkplug import names
 from bridge.sparkplug.host import Host
 from bridge.sparkplug.publish import Publication
@@ -101,10 +101,10 @@ class SparkplugSession:
         self.sparkplug = settings.sparkplug
         self.metrics = SparkplugMetrics(registry)
         self.host = Host.from_settings(self.sparkplug)
-        self.keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
+        self.keys = Keys.of(settings.redis)
         self.streams = self.keys.telemetry_streams(ROUTE)
         self._dedup = [self.keys.dedup(ROUTE, shard) for shard in range(self.keys.shards)]
-        self.sink = RedisSink(settings.redis, [self.keys.dead_letters, *self.streams, *self._dedup])
+        self.sink = make_sink(settings.redis, [self.keys.dead_letters, *self.streams, *self._dedup])
         self.queue: deque[Received] = deque()
         self._max_queued = settings.bridge.max_in_flight
         self._arrived = asyncio.Event()
