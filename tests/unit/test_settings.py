@@ -138,3 +138,23 @@ def test_contract_fields_are_checked() -> None:
         "bridge:\n  contracts:\n    pump:\n      values:\n        mode: {type: number, enum: [a]}\n"
     )
     assert problems == {"bridge.contracts.pump.values.mode": "enum applies to string fields only"}
+
+
+def test_a_cluster_is_named_by_seed_nodes_and_database_0() -> None:
+    assert _problems("redis:\n  url: redis://a:7000,b:7001/0\n") == {
+        "redis": "url names several nodes: set cluster: true, or name one Redis"
+    }
+    assert _problems("redis:\n  url: redis://a:7000/2\n  cluster: true\n") == {
+        "redis": "a Redis Cluster has database 0 only: end the url with /0"
+    }
+    redis = Settings(redis={"url": "redis://u:p@a:7000,[::1]:7001,c/0", "cluster": True}).redis
+    assert redis.seeds() == [("a", 7000), ("::1", 7001), ("c", 6379)]
+    assert redis.node_url("10.0.0.9", 7002) == "redis://u:p@10.0.0.9:7002/0"
+
+
+def test_durability_bounds_are_checked() -> None:
+    problems = _problems("redis:\n  durability: {replicas: -1, timeout_ms: 0}\n")
+    assert problems == {
+        "redis.durability.replicas": "must be >= 0",
+        "redis.durability.timeout_ms": "must be >= 1",
+    }
