@@ -18,7 +18,10 @@ import asyncio
 import logging
 from typing import cast
 
+import redis
 import redis.asyncio as aioredis
+import redis.cluster
+import redis.retry
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -81,6 +84,40 @@ def connect(
         **options,
     )
     return cast("aioredis.Redis", cluster)
+
+
+def connect_sync(
+    settings: RedisSettings,
+    *,
+    decode_responses: bool = False,
+    client_name: str | None = None,
+    socket_timeout_s: float | None = None,
+) -> redis.Redis:
+    """`connect`'s blocking twin, for the command line and the tools (token, audit, the Locust
+    probe): a plain client of one Redis, or with `redis.cluster` redis-py's cluster client, typed
+    as a plain one. `socket_timeout_s` replaces `redis.socket_timeout_s` (a whole stream read
+    page by page needs longer than the bridge's writes)."""
+    options = settings.client_options()
+    if socket_timeout_s is not None:
+        options["socket_timeout"] = socket_timeout_s
+    if not settings.cluster:
+        return redis.Redis.from_url(
+            settings.url, decode_responses=decode_responses, client_name=client_name, **options
+        )
+    if settings.tls_enabled:
+        options["ssl"] = True
+    seeds = [
+        redis.cluster.ClusterNode(host, port)  # type: ignore[no-untyped-call]  # untyped in redis-py
+        for host, port in settings.seeds()
+    ]
+    cluster = redis.cluster.RedisCluster(
+        startup_nodes=seeds,
+        retry=redis.retry.Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+        decode_responses=decode_responses,
+        client_name=client_name,
+        **options,
+    )
+    return cast("redis.Redis", cluster)
 
 
 def slot_of(key: str | bytes) -> int:
