@@ -2,15 +2,19 @@
 over Server-Sent Events.
 
 The time window is that of the entry ids (Redis time when the worker wrote the event), so a
-window is one XRANGE, not a scan of the whole stream; each event also carries the device time
-(`ts`) of the sample that raised it.
+window is one XRANGE per stream, not a scan of the whole stream; each event also carries the
+device time (`ts`) of the sample that raised it.
 
-Live: one reader per gateway process (XREAD BLOCK on the anomaly stream, started with the first
+On a Redis Cluster the anomalies are one stream per shard: a query reads them all, merged in id
+order, and the live reader follows them all; cursors and event ids then name a position in each
+(`gateway.anomaly_positions`). On one Redis both are entry ids.
+
+Live: one reader per gateway process and anomaly stream (XREAD BLOCK, started with the first
 client, stopped with the last) hands each new event to every client whose filter it matches,
 through a per-client buffer of `BUFFER_EVENTS`. A client that reads slower than events arrive
-fills its buffer; it then gets what the buffer held and an `overflow` event naming the last id
-it got, and the stream ends. Every event is sent with its entry id as the SSE `id`, so an
-EventSource reconnects with `Last-Event-ID` and the gateway sends what it missed from Redis
+fills its buffer; it then gets what the buffer held and an `overflow` event naming the last
+position it got, and the stream ends. Every event is sent with its position as the SSE `id`, so
+an EventSource reconnects with `Last-Event-ID` and the gateway sends what it missed from Redis
 first: a slow client loses nothing and never makes the gateway hold more than the bound. When the
 gateway stops, `close_live_streams` ends every stream with `event: closing` the same way.
 """
@@ -28,14 +32,24 @@ from typing import Annotated
 
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Header, HTTPException, Query, status
-from redis.exceptions import RedisError
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
+from bridge.record import entry_key
+from bridge.shard_reads import REDIS_ERRORS
 from config.settings import BackoffSettings
 from gateway.admin_http import AdminRoute
 from gateway.admin_models import Anomaly, AnomalyPage, Subscribers
-from gateway.admin_redis import newest_id, read_after, read_range, text
+from gateway.admin_redis import MergedRange, newest_id, read_after, text
+from gateway.anomaly_positions import (
+    CURSOR,
+    EVENT_ID,
+    Position,
+    cursor_of,
+    event_id,
+    positions_of,
+    starts_after,
+)
 from gateway.context import GatewayContext
 from observability.lifecycle import Backoff
 
@@ -47,8 +61,6 @@ READ_COUNT = 500  # entries per XREAD / XRANGE
 BLOCK_MS = 1000  # below the Redis client's socket timeout
 SCAN_BUDGET = 20_000
 PING_S = 15  # keeps proxies from closing a quiet stream
-
-ENTRY_ID = r"^\d+(-\d+)?$"
 
 
 def _number(value: str | None) -> float | None:
@@ -85,15 +97,11 @@ def _window_bound(value: datetime | None, default: str) -> str:
     return default if value is None else str(int(value.timestamp() * 1000))
 
 
-def _after(entry_id: str) -> str:
-    return f"({entry_id}"
-
-
 @dataclass(eq=False, slots=True)
 class Subscriber:
     wanted: Wanted
-    start: str  # the last entry before this client's first event
-    events: deque[Anomaly] = field(default_factory=deque)
+    start: list[Position]  # per stream, the last entry before this client's first event
+    events: deque[tuple[int, Anomaly]] = field(default_factory=deque)  # (stream index, event)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     overflowed: bool = False
     closed: bool = False
@@ -102,27 +110,32 @@ class Subscriber:
         self.closed = True
         self.ready.set()
 
-    def offer(self, anomaly: Anomaly) -> bool:
-        """Buffer an event; False when the buffer is full (the client is then cut off)."""
+    def offer(self, index: int, anomaly: Anomaly) -> bool:
+        """Buffer an event of stream `index`; False when the buffer is full (the client is then
+        cut off)."""
         if len(self.events) >= BUFFER_EVENTS:
             self.overflowed = True
             self.ready.set()
             return False
-        self.events.append(anomaly)
+        self.events.append((index, anomaly))
         self.ready.set()
         return True
 
 
 class AnomalyHub:
-    """One XREAD loop per process, fanned out to bounded per-client buffers."""
+    """One XREAD loop per process and anomaly stream, fanned out to bounded per-client buffers.
 
-    def __init__(self, redis: aioredis.Redis, key: str, backoff: BackoffSettings) -> None:
+    A loop per stream: on a cluster one XREAD over several streams is refused (CROSSSLOT), and
+    an XREAD of them in turn would hold each stream's events back by the others' BLOCK."""
+
+    def __init__(self, redis: aioredis.Redis, keys: list[str], backoff: BackoffSettings) -> None:
         self._redis = redis
-        self._key = key
-        self._backoff = Backoff(backoff)
+        self._keys = keys
+        self._backoff = backoff
         self._subscribers: set[Subscriber] = set()
-        self._reader: asyncio.Task[None] | None = None
-        self._position = "$"
+        self._readers: list[asyncio.Task[None] | None] = [None] * len(keys)
+        self._positions = ["$"] * len(keys)  # the last entry fanned out, per stream
+        self._failing: set[int] = set()  # the streams whose reads fail
         self._starting = asyncio.Lock()
         self.closing = False
         self.cut_off_total = 0
@@ -139,12 +152,18 @@ class AnomalyHub:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                                 f"{MAX_CLIENTS} live clients already", headers={"Retry-After": "5"})  # fmt: skip
         async with self._starting:
-            if self._reader is None:
-                # Fix the start before the client hears it is subscribed: anything written
-                # after that reaches it.
-                self._position = await newest_id(self._redis, self._key) or "0-0"
-                self._reader = asyncio.create_task(self._read(), name="anomaly-stream-reader")
-            subscriber = Subscriber(wanted, self._position)
+            idle = [index for index, reader in enumerate(self._readers) if reader is None]
+            # Fix the start before the client hears it is subscribed: anything written after
+            # that reaches it.
+            newest = await asyncio.gather(
+                *(newest_id(self._redis, self._keys[index]) for index in idle)
+            )
+            for index, last in zip(idle, newest, strict=True):
+                self._positions[index] = last or "0-0"
+                self._readers[index] = asyncio.create_task(
+                    self._read(index), name=f"anomaly-stream-reader-{index}"
+                )
+            subscriber = Subscriber(wanted, [entry_key(p) for p in self._positions])
             self._subscribers.add(subscriber)
             return subscriber
 
@@ -162,35 +181,36 @@ class AnomalyHub:
         # (seen with a cut-off client), and the client's stream waited for it.
         self._subscribers.discard(subscriber)
 
-    async def _read(self) -> None:
-        failing = False
+    async def _read(self, index: int) -> None:
+        key, backoff = self._keys[index], Backoff(self._backoff)
         while True:
             if not self._subscribers:
-                self._reader = None
+                self._readers[index] = None
                 return
             try:
                 entries = await read_after(
-                    self._redis, self._key, self._position, READ_COUNT, BLOCK_MS
+                    self._redis, key, self._positions[index], READ_COUNT, BLOCK_MS
                 )
-            except RedisError as exc:
-                if not failing:
+            except REDIS_ERRORS as exc:
+                if not self._failing:
                     log.warning(
                         "redis unavailable, live anomalies paused", extra={"error": str(exc)}
                     )
-                failing = True
-                await asyncio.sleep(self._backoff.next_delay())
+                self._failing.add(index)
+                await asyncio.sleep(backoff.next_delay())
                 continue
-            if failing:
-                log.info("redis available again, live anomalies resumed")
-                failing = False
-                self._backoff.reset()
+            if index in self._failing:
+                self._failing.discard(index)
+                backoff.reset()
+                if not self._failing:
+                    log.info("redis available again, live anomalies resumed")
             for entry_id, fields in entries:
-                self._position = entry_id
-                self._fan_out(to_anomaly(entry_id, fields))
+                self._positions[index] = entry_id
+                self._fan_out(index, to_anomaly(entry_id, fields))
 
-    def _fan_out(self, anomaly: Anomaly) -> None:
+    def _fan_out(self, index: int, anomaly: Anomaly) -> None:
         for subscriber in list(self._subscribers):
-            if subscriber.wanted(anomaly) and not subscriber.offer(anomaly):
+            if subscriber.wanted(anomaly) and not subscriber.offer(index, anomaly):
                 self._subscribers.discard(subscriber)
                 self.cut_off_total += 1
                 log.info("live anomaly client cut off: its buffer was full",
@@ -200,65 +220,69 @@ class AnomalyHub:
 class Anomalies:
     def __init__(self, ctx: GatewayContext) -> None:
         self._redis = ctx.redis
-        self._key = ctx.keys.anomalies
-        self.hub = AnomalyHub(ctx.redis, self._key, ctx.settings.backoff)
+        self._keys = ctx.keys.anomaly_streams()
+        self.hub = AnomalyHub(ctx.redis, self._keys, ctx.settings.backoff)
+
+    @property
+    def streams(self) -> int:
+        return len(self._keys)
 
     async def page(
         self, wanted: Wanted, since: datetime | None, until: datetime | None, cursor: str | None,
         count: int,
     ) -> AnomalyPage:  # fmt: skip
-        start = _after(cursor) if cursor else _window_bound(since, "-")
+        n = self.streams
+        starts = _starts(cursor, n) if cursor else [_window_bound(since, "-")] * n
         end = _window_bound(until, "+")
+        merged = MergedRange(self._redis, self._keys, starts, end, READ_COUNT)
         items: list[Anomaly] = []
-        scanned = 0
-        while scanned < SCAN_BUDGET:
-            chunk = await read_range(self._redis, self._key, start, end, READ_COUNT)
-            for entry_id, fields in chunk:
-                scanned += 1
-                anomaly = to_anomaly(entry_id, fields)
-                start = _after(anomaly.id)
-                if wanted(anomaly):
-                    items.append(anomaly)
-                    if len(items) == count:
-                        return AnomalyPage(items=items, next_cursor=anomaly.id)
-            if len(chunk) < READ_COUNT:
+        for _ in range(SCAN_BUDGET):
+            found = await merged.next()
+            if found is None:
                 return AnomalyPage(items=items, next_cursor=None)
-        return AnomalyPage(items=items, next_cursor=start[1:])
+            index, (entry_id, fields) = found
+            anomaly = to_anomaly(entry_id, fields)
+            if wanted(anomaly):
+                items.append(anomaly)
+                if len(items) == count:
+                    break
+        return AnomalyPage(items=items, next_cursor=cursor_of(entry_id, index, n))
 
-    async def backlog(self, wanted: Wanted, after: str) -> AsyncIterator[Anomaly]:
-        """Every event after `after` (an EventSource's Last-Event-ID), read from Redis."""
-        start = _after(after)
-        while True:
-            chunk = await read_range(self._redis, self._key, start, "+", READ_COUNT)
-            for entry_id, fields in chunk:
-                anomaly = to_anomaly(entry_id, fields)
-                start = _after(anomaly.id)
-                if wanted(anomaly):
-                    yield anomaly
-            if len(chunk) < READ_COUNT:
-                return
+    async def backlog(
+        self, wanted: Wanted, after: list[Position]
+    ) -> AsyncIterator[tuple[int, Anomaly]]:
+        """Every event after `after` (the positions of an EventSource's Last-Event-ID), read
+        from Redis, as (stream index, event)."""
+        starts = [f"({ms}-{seq}" for ms, seq in after]
+        merged = MergedRange(self._redis, self._keys, starts, "+", READ_COUNT)
+        while (found := await merged.next()) is not None:
+            index, (entry_id, fields) = found
+            anomaly = to_anomaly(entry_id, fields)
+            if wanted(anomaly):
+                yield index, anomaly
 
     async def live(
-        self, subscriber: Subscriber, last_event_id: str | None
+        self, subscriber: Subscriber, after: list[Position] | None
     ) -> AsyncIterator[ServerSentEvent]:
-        """The events of one client: what it missed (after `last_event_id`), then new ones."""
+        """The events of one client: what it missed (after the positions of its Last-Event-ID,
+        `positions`), then new ones."""
         wanted = subscriber.wanted
-        sent = _key(last_event_id or subscriber.start)
+        sent = list(subscriber.start if after is None else after)
         try:
             yield ServerSentEvent(event="ready", data="{}", retry=2000)
-            if last_event_id is not None:
-                async for anomaly in self.backlog(wanted, last_event_id):
-                    sent = _key(anomaly.id)
-                    yield _event(anomaly)
+            if after is not None:
+                async for index, anomaly in self.backlog(wanted, after):
+                    sent[index] = entry_key(anomaly.id)
+                    yield _event(anomaly, sent)
             while True:
                 await subscriber.ready.wait()
                 subscriber.ready.clear()
                 while subscriber.events:
-                    anomaly = subscriber.events.popleft()
-                    if _key(anomaly.id) > sent:  # not already sent from the backlog
-                        sent = _key(anomaly.id)
-                        yield _event(anomaly)
-                resume = f"{sent[0]}-{sent[1]}"
+                    index, anomaly = subscriber.events.popleft()
+                    if entry_key(anomaly.id) > sent[index]:  # not already sent from the backlog
+                        sent[index] = entry_key(anomaly.id)
+                        yield _event(anomaly, sent)
+                resume = event_id(sent)
                 if subscriber.overflowed:
                     yield ServerSentEvent(
                         event="overflow",
@@ -277,14 +301,23 @@ class Anomalies:
         finally:
             await self.hub.unsubscribe(subscriber)
 
+    def positions(self, last_event_id: str) -> list[Position]:
+        """The positions a Last-Event-ID names; 400 when it names another number of streams."""
+        try:
+            return positions_of(last_event_id, self.streams)
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"Last-Event-ID: {exc}") from exc
 
-def _key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+
+def _starts(cursor: str, streams: int) -> list[str]:
+    try:
+        return starts_after(cursor, streams)
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"cursor: {exc}") from exc
 
 
-def _event(anomaly: Anomaly) -> ServerSentEvent:
-    return ServerSentEvent(id=anomaly.id, event="anomaly", data=anomaly.model_dump_json())
+def _event(anomaly: Anomaly, sent: list[Position]) -> ServerSentEvent:
+    return ServerSentEvent(id=event_id(sent), event="anomaly", data=anomaly.model_dump_json())
 
 
 Asset = Annotated[str | None, Query(description="Only this asset.")]
@@ -313,11 +346,13 @@ def anomaly_router(ctx: GatewayContext) -> APIRouter:
         detector: Detector = None,
         since: Annotated[datetime | None, Query(description="Written at or after (RFC 3339 or epoch seconds).")] = None,
         until: Annotated[datetime | None, Query(description="Written at or before.")] = None,
-        cursor: Annotated[str | None, Query(pattern=ENTRY_ID, description="next_cursor of the previous page.")] = None,
+        cursor: Annotated[str | None, Query(pattern=CURSOR, description="next_cursor of the previous page.")] = None,
         count: Annotated[int, Query(gt=0, le=1000)] = 100,
     ) -> AnomalyPage:  # fmt: skip
         """Anomaly events oldest first within the window (by when the worker wrote them), for
-        one asset and/or detector. A page ends at `count` items or 20,000 entries read."""
+        one asset and/or detector. A page ends at `count` items or 20,000 entries read. On a
+        Redis Cluster every shard's anomaly stream is read, merged by entry id; `next_cursor`
+        then may name the stream too (`<id>:<n>`)."""
         return await anomalies.page(Wanted(asset, detector), since, until, cursor, count)
 
     @router.get(
@@ -327,7 +362,8 @@ def anomaly_router(ctx: GatewayContext) -> APIRouter:
         responses={
             200: {
                 "description": "`text/event-stream`: `event: ready` once subscribed, then one "
-                "`event: anomaly` per new event (`id` = its entry id, `data` = an Anomaly as "
+                "`event: anomaly` per new event (`id` = its entry id; on a Redis Cluster the "
+                "position in each shard's anomaly stream, `<id0>,<id1>,...`; `data` = an Anomaly as "
                 "JSON); `event: overflow` and the end of the stream when the client fell "
                 f"{BUFFER_EVENTS} events behind, `event: closing` when the gateway stops (both "
                 "name `last_event_id`: reconnect with `Last-Event-ID`).",
@@ -339,10 +375,11 @@ def anomaly_router(ctx: GatewayContext) -> APIRouter:
     async def stream_anomalies(
         asset: Asset = None,
         detector: Detector = None,
-        last_event_id: Annotated[str | None, Header(pattern=ENTRY_ID, description="Resume after this event id (an EventSource sends it when it reconnects).")] = None,
+        last_event_id: Annotated[str | None, Header(pattern=EVENT_ID, description="Resume after this event id (an EventSource sends it when it reconnects).")] = None,
     ) -> EventSourceResponse:  # fmt: skip
+        after = None if last_event_id is None else anomalies.positions(last_event_id)
         subscriber = await anomalies.hub.subscribe(Wanted(asset, detector))
-        events = anomalies.live(subscriber, last_event_id)
+        events = anomalies.live(subscriber, after)
         # The generator unsubscribes when it ends; the background task covers a client gone
         # before the first event was sent (the generator then never starts).
         return EventSourceResponse(

@@ -1,4 +1,5 @@
-"""What every admin router shares: Redis errors answered 503 with Retry-After, never 500."""
+"""What every admin router shares: Redis errors (of one Redis or of a cluster) answered 503 with
+Retry-After, never 500."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 
 from fastapi import HTTPException, Request, Response, status
 from fastapi.routing import APIRoute
-from redis.exceptions import RedisError
+
+from bridge.shard_reads import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ class AdminRoute(APIRoute):
         async def handle(request: Request) -> Response:
             try:
                 return await handler(request)
-            except RedisError as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("redis unavailable for an admin request", extra={"error": str(exc)})
                 raise HTTPException(
                     status.HTTP_503_SERVICE_UNAVAILABLE,

@@ -3,6 +3,7 @@ its contracts as JSON Schema. Read-only."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, status
@@ -36,11 +37,16 @@ class Streams:
         self._routes = [route.name for route in ctx.intake.routes.routes]
 
     async def all(self) -> list[StreamInfo]:
-        return [
-            await self.one(route, shard)
-            for route in self._routes
-            for shard in range(self._keys.shards)
-        ]
+        # At once: on a cluster the shard streams are on several masters.
+        return list(
+            await asyncio.gather(
+                *(
+                    self.one(route, shard)
+                    for route in self._routes
+                    for shard in range(self._keys.shards)
+                )
+            )
+        )
 
     async def one(self, route: str, shard: int) -> StreamInfo:
         key = self._keys.telemetry(route, shard)

@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from bridge.intake import Intake
-from bridge.redis_nodes import redis_client
+from bridge.redis_nodes import connect
 from bridge.sink import make_sink
 from config.errors import SinkUnavailable
 from config.keys import Keys
@@ -58,7 +58,7 @@ class GatewayApp:
         self.keys = Keys.of(settings.redis)
         self.intake = Intake(settings.bridge, self.keys)
         self.sink = make_sink(settings.redis, self.intake.write_keys, entry_ids=True)
-        self.reader = redis_client(settings.redis, client_name="iotbridge-gateway")
+        self.reader = connect(settings.redis, client_name="iotbridge-gateway")
         self.commit = GroupCommit(self.sink, settings.gateway, Backoff(settings.backoff),
                                   self.metrics)  # fmt: skip
         self.ingestor = Ingestor(settings, self.intake, self.commit)

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class TokenStore:
             self._loaded_at = time.monotonic()
             try:
                 await self.reload()
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 # The copy still holds: tokens keep working through a Redis outage.
                 log.warning("cannot reload device tokens", extra={"error": str(exc)})
         record = self._records.get(token_id)
@@ -106,7 +106,7 @@ class TokenStore:
             return record
         try:
             raw = await self._redis.hget(self._key, token_id)
-        except (RedisError, OSError):
+        except (RedisError, RedisClusterException, OSError):
             return None
         if raw is None:
             self._misses[token_id] = None

@@ -30,11 +30,11 @@ def test_dead_letter_payload_as_text_or_base64_and_truncation() -> None:
 
 
 def test_live_buffer_is_bounded() -> None:
-    subscriber = Subscriber(Wanted(asset="a1"), "0-0")
+    subscriber = Subscriber(Wanted(asset="a1"), [(0, 0)])
     event = to_anomaly("5-0", {"asset": b"a1", "detector": b"rate", "value": b"1.5"})
     assert subscriber.wanted(event)
     assert not subscriber.wanted(to_anomaly("6-0", {"asset": b"a2"}))
-    accepted = [subscriber.offer(event) for _ in range(BUFFER_EVENTS + 1)]
+    accepted = [subscriber.offer(0, event) for _ in range(BUFFER_EVENTS + 1)]
     assert accepted.count(True) == BUFFER_EVENTS
     assert accepted[-1] is False
     assert subscriber.overflowed
