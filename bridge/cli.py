@@ -9,10 +9,12 @@ Components are imported inside their command so `check-config` starts fast.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Protocol
 
@@ -201,10 +203,27 @@ token_app = typer.Typer(help="Device tokens of the HTTP gateway.", no_args_is_he
 app.add_typer(token_app, name="token")
 
 
-def _token_redis(settings: Settings) -> Any:
-    import redis
+@contextlib.contextmanager
+def _redis(
+    settings: Settings, *, decode_responses: bool = False, socket_timeout_s: float | None = None
+) -> Iterator[Any]:
+    """A blocking client of `settings.redis` (one Redis, or the cluster:
+    `redis_nodes.connect_sync`), closed after; a Redis error is one line and exit 2."""
+    from bridge.redis_nodes import connect_sync
+    from bridge.shard_reads import REDIS_ERRORS
 
-    return redis.Redis.from_url(settings.redis.url, **settings.redis.client_options())
+    client = None
+    try:
+        client = connect_sync(
+            settings.redis, decode_responses=decode_responses, socket_timeout_s=socket_timeout_s
+        )
+        yield client
+    except REDIS_ERRORS as exc:
+        typer.echo(f"redis {settings.redis.url.split('@')[-1]}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        if client is not None:
+            client.close()
 
 
 @token_app.command("create")
@@ -216,23 +235,13 @@ def token_create(
     config: ConfigOption = None,
 ) -> None:
     """Create a device token and print it (once: only its hash is kept)."""
-    import redis
-
     from config.keys import Keys
     from gateway import tokens
 
     settings = _settings(config)
     token, record = tokens.new_token(asset)
-    client = _token_redis(settings)
-    try:
-        client.hset(
-            Keys(settings.redis.key_prefix).gateway_tokens, record.id, tokens.encode(record)
-        )
-    except redis.RedisError as exc:
-        typer.echo(f"redis {settings.redis.url.split('@')[-1]}: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    finally:
-        client.close()
+    with _redis(settings) as client:
+        client.hset(Keys.of(settings.redis).gateway_tokens, record.id, tokens.encode(record))
     typer.echo(token)
     typer.echo(f"id {record.id}, asset {asset!r}: store it now, it is not shown again", err=True)
 
@@ -240,20 +249,12 @@ def token_create(
 @token_app.command("list")
 def token_list(config: ConfigOption = None) -> None:
     """List device tokens: id, asset pattern, creation time (JSON lines; never the token)."""
-    import redis
-
     from config.keys import Keys
     from gateway import tokens
 
     settings = _settings(config)
-    client = _token_redis(settings)
-    try:
-        raw = client.hgetall(Keys(settings.redis.key_prefix).gateway_tokens)
-    except redis.RedisError as exc:
-        typer.echo(f"redis {settings.redis.url.split('@')[-1]}: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    finally:
-        client.close()
+    with _redis(settings) as client:
+        raw = client.hgetall(Keys.of(settings.redis).gateway_tokens)
     records = sorted(
         (tokens.decode(k.decode(), v) for k, v in raw.items()), key=lambda r: r.created
     )
@@ -267,19 +268,11 @@ def token_revoke(
     config: ConfigOption = None,
 ) -> None:
     """Revoke a device token (running gateways stop accepting it within gateway.token_refresh_s). Exit 1 if unknown."""
-    import redis
-
     from config.keys import Keys
 
     settings = _settings(config)
-    client = _token_redis(settings)
-    try:
-        removed = client.hdel(Keys(settings.redis.key_prefix).gateway_tokens, token_id)
-    except redis.RedisError as exc:
-        typer.echo(f"redis {settings.redis.url.split('@')[-1]}: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    finally:
-        client.close()
+    with _redis(settings) as client:
+        removed = client.hdel(Keys.of(settings.redis).gateway_tokens, token_id)
     if not removed:
         typer.echo(f"no token {token_id}", err=True)
         raise typer.Exit(1)
@@ -381,8 +374,6 @@ def audit(
     telemetry streams once. Prints lost / duplicated / unexpected (JSON); exit 1 on loss."""
     import itertools
 
-    import redis
-
     from config.keys import Keys
     from simulators import acked as acked_file
     from simulators.audit import asset_level_of, read_stream
@@ -397,27 +388,23 @@ def audit(
     name = loaded.header.get("route")
     route = next((r for r in settings.bridge.routes if r.name == name), settings.bridge.routes[0])
     keys = Keys.of(settings.redis)
-    r = settings.redis
-    # A whole stream is read page by page: a longer command timeout than the bridge's.
-    options = {**r.client_options(), "socket_timeout": 30}
-    client = redis.Redis.from_url(r.url, decode_responses=True, **options)
+    # Each stream alone (on a cluster the shards' streams are on several masters), read page by
+    # page: a longer command timeout than the bridge's.
     streams = keys.telemetry_streams(route.name)
     skipped = [0]
-    try:
+    with _redis(settings, decode_responses=True, socket_timeout_s=30) as client:
         entries = itertools.chain.from_iterable(read_stream(client, key) for key in streams)
+        letters = itertools.chain.from_iterable(
+            read_stream(client, key) for key in keys.dead_letter_streams()
+        )
         report = check(
             loaded.acked,
             loaded.telemetry(entries, skipped),
-            read_stream(client, keys.dead_letters),
+            letters,
             accept_reasons=accept_reason or (),
             asset_level=asset_level_of(route.topic, route.asset_level),
             examples=examples,
         )
-    except redis.RedisError as exc:
-        typer.echo(f"redis {r.url.split('@')[-1]}: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    finally:
-        client.close()
     result = {**report.as_dict(), "ok": report.ok, "bad_skipped": skipped[0], "streams": streams,
               "dead_letter_stream": keys.dead_letters}  # fmt: skip
     typer.echo(json.dumps(result, sort_keys=True))
