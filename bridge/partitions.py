@@ -35,9 +35,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
-from bridge.redis_nodes import redis_client
+from bridge.redis_nodes import connect
 from bridge.routing import RouteTable
 from bridge.source import Inbound, MqttSource
 from config.keys import Keys
@@ -119,7 +119,7 @@ class PartitionedSource:
             self._keys.bridge_members(mqtt.client_id), self.owner, self.partitions,
             int(self._ttl_s * 1000),
         )  # fmt: skip
-        self._redis = redis_client(
+        self._redis = connect(
             settings.redis, decode_responses=True, client_name="iotbridge-bridge-leases"
         )
         self.owned: list[Partition] = []
@@ -206,7 +206,7 @@ class PartitionedSource:
         try:
             await self._leases.release(self._redis, owned)
             await self._leases.leave(self._redis)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             log.warning("could not release the partition leases; they lapse after %.1f s",
                         self._ttl_s, extra={"error": str(exc)})  # fmt: skip
         self._metrics.lease_changes.labels("released").inc(len(owned))
@@ -224,7 +224,7 @@ class PartitionedSource:
                 started = time.monotonic()
                 try:
                     await self._round(started)
-                except (RedisError, OSError) as exc:
+                except (RedisError, RedisClusterException, OSError) as exc:
                     if self._redis_ok:
                         log.warning("partition leases not renewed: redis unavailable",
                                     extra={"error": str(exc)})  # fmt: skip
@@ -290,7 +290,7 @@ class PartitionedSource:
 
     async def _serve(self, p: Partition, source: MqttSource) -> None:
         filters_key = self._keys.bridge_subscriptions(p.client_id)
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
             raw = await self._redis.get(filters_key)
             source.previous_filters = None if raw is None else set(json.loads(raw))
         remember = asyncio.create_task(self._remember(source, filters_key))
@@ -301,7 +301,7 @@ class PartitionedSource:
 
     async def _remember(self, source: MqttSource, key: str) -> None:
         await source.subscribed_event.wait()
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
             await self._redis.set(key, json.dumps(sorted(source.previous_filters or ())))
 
     def _lost(self, p: Partition) -> None:
@@ -338,7 +338,7 @@ class PartitionedSource:
         self.owned.remove(p)
         try:
             await self._leases.release(self._redis, [p])
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             log.warning("could not release a partition lease; it lapses after the TTL",
                         extra={"partition": p.name, "error": str(exc)})  # fmt: skip
         p.leaving = False

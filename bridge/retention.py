@@ -13,7 +13,7 @@ import logging
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from bridge.record import entry_key
 from config.settings import RetentionSettings
@@ -49,7 +49,7 @@ class Retention:
             for route, streams in self._streams.items():
                 try:
                     await self.trim_route(route, streams)
-                except RedisError as exc:
+                except (RedisError, RedisClusterException) as exc:
                     log.debug("retention pass skipped", extra={"route": route, "error": str(exc)})
             try:
                 async with asyncio.timeout(self._settings.interval_s):
@@ -61,7 +61,7 @@ class Retention:
         """The lowest id any consumer group still needs, or None when no group constrains it."""
         try:
             groups = await self._redis.xinfo_groups(stream)
-        except RedisError:
+        except (RedisError, RedisClusterException):
             return None  # no such stream yet
         points: list[str] = []
         for group in groups:
