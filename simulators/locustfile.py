@@ -38,12 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import gevent
-import redis
 from gevent.event import Event
 from locust import FastHttpUser, User, constant, events, task
 from locust.env import Environment
 from locust.runners import WorkerRunner
 
+from bridge.redis_nodes import connect_sync
+from bridge.shard_reads import xread_each
 from config import loader
 from config.keys import Keys
 from config.settings import RouteSettings, Settings
@@ -557,7 +558,8 @@ class TelemetryProbeUser(User):
         settings = settings_of(self.options.config)
         self.route = route_of(settings).name
         r = settings.redis
-        self.redis = redis.Redis.from_url(r.url, decode_responses=True, **r.client_options())
+        self.redis = connect_sync(r, decode_responses=True)
+        self.cluster = r.cluster
         now_s, now_us = self.redis.time()
         start = f"{int(now_s) * 1000 + int(now_us) // 1000}-0"
         keys = Keys.of(r)
@@ -567,7 +569,8 @@ class TelemetryProbeUser(User):
 
     @task
     def read(self) -> None:
-        replies: Any = self.redis.xread(self.after, count=1000, block=500)  # type: ignore[arg-type]
+        # One XREAD of every shard stream on one Redis; one per shard's slot on a cluster.
+        replies = xread_each(self.redis, self.after, count=1000, block_ms=500, cluster=self.cluster)
         now = time.time()
         for stream, entries in replies or []:
             for entry_id, fields in entries:
