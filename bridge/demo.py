@@ -27,7 +27,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from config.keys import Keys
-from config.settings import HttpSettings, Settings, TlsSettings
+from config.settings import DurabilitySettings, HttpSettings, Settings, TlsSettings
 
 _START_TIMEOUT_S = 20.0
 
@@ -77,7 +77,12 @@ def _ready(port: int) -> bool:
 
 # Settings the demo replaces for its children (see Demo.__init__). The shell's values of them are
 # dropped too: an exported IOTBRIDGE_HTTP__PASSWORD would otherwise arrive without its user name.
-_REPLACED = ("IOTBRIDGE_HTTP", "IOTBRIDGE_REDIS__TLS")
+_REPLACED = (
+    "IOTBRIDGE_HTTP",
+    "IOTBRIDGE_REDIS__TLS",
+    "IOTBRIDGE_REDIS__CLUSTER",
+    "IOTBRIDGE_REDIS__DURABILITY",
+)
 
 
 def _inherited() -> dict[str, str]:
@@ -142,7 +147,8 @@ class Demo:
     def __init__(self, settings: Settings, config: Path | None, workdir: Path, assets: int) -> None:
         self.settings = settings
         self.workdir = workdir
-        self.keys = Keys.of(settings.redis)
+        # The demo's own Redis is one server: the one-Redis layout, whatever the file says.
+        self.keys = Keys(settings.redis.key_prefix, settings.redis.stream_shards)
         self.redis_port = _pick_port(6379)
         self.mqtt_port = _pick_port(settings.broker.port)
         self.ports = {name: _pick_port(port) for name, port in (
@@ -156,8 +162,11 @@ class Demo:
             "IOTBRIDGE_BROKER__PORT": str(self.mqtt_port),
             **{f"IOTBRIDGE_{n.upper()}__METRICS_PORT": str(p) for n, p in self.ports.items()},
             # The demo's own Redis and HTTP ports are plain loopback, as the URLs it prints say,
-            # whatever TLS and credentials the settings file gives a plant's servers.
+            # whatever TLS and credentials the settings file gives a plant's servers; its Redis
+            # is one server, with no cluster and no replicas to wait for.
             "IOTBRIDGE_REDIS__TLS": json.dumps(TlsSettings().model_dump()),
+            "IOTBRIDGE_REDIS__CLUSTER": "false",
+            "IOTBRIDGE_REDIS__DURABILITY": json.dumps(DurabilitySettings().model_dump()),
             "IOTBRIDGE_HTTP": json.dumps(HttpSettings().model_dump(mode="json")),
         }
         cli = [sys.executable, "-m", "bridge.cli"]
