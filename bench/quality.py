@@ -35,7 +35,9 @@ sys.path.insert(
     0, str(Path(__file__).resolve().parents[1])
 )  # run as a script: bench/ imports as a package
 from bench.procs import ROOT, Proc, free_port, services, wait_until
+from bridge.shard_reads import merge
 from config.keys import Keys
+from simulators.audit import read_stream
 from workers.score import flags_from, read_truth, score
 
 TARGETS = {"precision": 0.95, "recall": 0.90, "publish_to_flag_p99_s": 0.25}
@@ -107,8 +109,13 @@ def run(scenario: Path, work: Path) -> dict[str, object]:
         sim_report = json.loads(simulator.log.read_text().strip().splitlines()[-1])
         wait_until(lambda: _lag(db, streams) == 0, 300, "the worker to read everything", poll_s=0.5)
         time.sleep(5)  # the staleness timer's last tick over the tail of the run
+        # Every anomaly stream (one per shard with redis.cluster), merged in id order;
         # decode_responses=True: ids and fields are str, which redis-py's stubs cannot say.
-        entries: list[tuple[str, dict[str, str]]] = db.xrange(keys.anomalies)  # type: ignore[assignment]
+        streams_read = [read_stream(db, key) for key in keys.anomaly_streams()]
+        entries: list[tuple[str, dict[str, str]]] = [
+            entry  # type: ignore[misc]
+            for _, entry in merge(streams_read)
+        ]
         (work / "anomalies.jsonl").write_text(
             "".join(json.dumps([i, f]) + "\n" for i, f in entries)
         )

@@ -268,8 +268,9 @@ def _check(
     result.unexpected = len(pairs.keys() - expected)
     result.duplicated = sum(count - 1 for count in pairs.values() if count > 1)
     # A worker's dead letters too (the pipeline): valid telemetry must never end there.
-    result.dead_letters = int(env.r.xlen(keys.dead_letters)) + int(
-        env.r.xlen(keys.worker_dead_letters)
+    result.dead_letters = sum(
+        int(env.r.xlen(key))
+        for key in (*keys.dead_letter_streams(), *keys.worker_dead_letter_streams())
     )
     result.p50_ms = percentile(latencies, 0.50)
     result.p99_ms = percentile(latencies, 0.99)
