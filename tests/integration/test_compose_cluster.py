@@ -2,10 +2,12 @@
 them (tests/compose_config.py): its init script makes six new nodes a cluster, leaves a cluster
 that is ok alone, and brings back one whose nodes came back on other addresses; replicas sync as
 its replication user; the iotbridge users reach every stream shard through redis-py's cluster
-client, and a replica confirms their writes (WAIT)."""
+client, and a replica confirms their writes (WAIT); the bridge's own sink writes a batch over every
+shard as compose's bridge and gateway users."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,9 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
+from bridge.sink import Append, Dedup, make_sink
+from config.keys import Keys
+from config.settings import Settings
 from tests.compose_config import PASSWORDS, REDIS_PASSWORDS, redis_cluster_as_compose_runs_it
 from tests.services import redis_cli_binary, require
 
@@ -167,3 +172,35 @@ def test_the_nodes_run_the_redis_settings_of_compose_yaml_as_cluster_nodes(
         assert (config["appendonly"], config["appendfsync"]) == ("yes", "everysec")
         assert config["maxmemory-policy"] == "noeviction"
         assert config["repl-diskless-sync-delay"] == "0"
+
+
+@pytest.mark.parametrize("user", ["bridge", "gateway"])
+async def test_the_sink_writes_a_batch_over_every_shard_as_compose_runs_it(
+    cluster: ComposeCluster, user: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(redis={
+        "url": f"redis://127.0.0.1:{cluster.nodes.ports[0]},127.0.0.1:{cluster.nodes.ports[1]}/0",
+        "cluster": True, "stream_shards": SHARDS, "key_prefix": cluster.prefix,
+        "durability": {"replicas": 1},
+        "username": user, "password": PASSWORDS[REDIS_PASSWORDS[user]],
+    })  # fmt: skip
+    keys = Keys.of(settings.redis)
+    streams = keys.telemetry_streams(user)
+    dedups = [keys.dedup(user, shard) for shard in range(SHARDS)]
+    sink = make_sink(settings.redis, [*streams, *dedups, keys.dead_letters])
+    try:
+        await sink.check()
+        # Every master checked whole: a right the user lacks (INFO, CONFIG GET) is only a warning.
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+        batch = [
+            Append.of(stream, ["asset", f"a{shard}", "seq", "1"], Dedup(dedup, f"a{shard}", 1, 1.0))
+            for shard, (stream, dedup) in enumerate(zip(streams, dedups, strict=True))
+        ]
+        written, _ = await sink.write([*batch, Append.of(keys.dead_letters, ["reason", user])])
+        assert written == [1] * (SHARDS + 1)
+        written, _ = await sink.write(batch)  # written again: every entry a duplicate
+        assert written == [0] * SHARDS
+    finally:
+        await sink.close()
+    with cluster.as_user("admin") as admin:
+        assert [admin.xlen(stream) for stream in streams] == [1] * SHARDS
