@@ -24,6 +24,7 @@ from config.keys import Keys, shard_of
 from config.settings import Settings
 from simulators import acked
 from tests.clients import wait_for
+from tests.cluster import LocalCluster
 from tests.integration.test_gateway_admin import (
     anomaly,
     client,
@@ -39,19 +40,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARDS = 4
 
 
-@pytest.fixture(scope="session")
-def redis_cluster() -> str:
-    url = os.environ.get("IOTBRIDGE_TEST_REDIS_CLUSTER_URL")
-    if not url:
-        pytest.skip("IOTBRIDGE_TEST_REDIS_CLUSTER_URL is not set")
-    return url
-
-
 @pytest.fixture
 def cluster_settings(
-    make_settings: Callable[..., Settings], unique: str, redis_cluster: str
+    make_settings: Callable[..., Settings], unique: str, redis_cluster: LocalCluster
 ) -> Settings:
-    redis = {"url": redis_cluster, "cluster": True, "stream_shards": SHARDS, "key_prefix": unique}
+    redis = {"url": redis_cluster.url, "cluster": True, "stream_shards": SHARDS,
+             "key_prefix": unique}  # fmt: skip
     return gateway_settings(make_settings, unique, redis=redis)
 
 
