@@ -25,9 +25,9 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
@@ -305,18 +305,27 @@ class RedisSink:
         return b"*%d\r\n" % args + self._head + b"".join(parts)
 
     async def check(self) -> None:
-        """Ping, load the script, and refuse a Redis that would evict streams (ConfigError)."""
+        """Ping, load the script, and refuse a Redis that would evict streams or cannot give the
+        durability asked for (ConfigError). What a least-privilege user may not read (CONFIG,
+        INFO) is not checked: the operator owns it then, and a warning names it."""
         try:
             await self._redis.ping()
             await self._redis.script_load(self._script)
-            await self._check_durability()
-            policy = (await self._redis.config_get("maxmemory-policy")).get("maxmemory-policy")
-        except ResponseError as exc:
-            # CONFIG may be denied to a least-privilege user; the operator owns the policy then.
-            log.warning("cannot read maxmemory-policy, not checked", extra={"error": str(exc)})
-            return
         except (RedisError, OSError) as exc:
             raise SinkUnavailable(f"redis: {exc}") from exc
+        await self._checked("durability", self._check_durability())
+        await self._checked("maxmemory-policy", self._check_policy())
+
+    async def _checked(self, what: str, check: Coroutine[Any, Any, None]) -> None:
+        try:
+            await check
+        except ResponseError as exc:
+            log.warning("cannot check %s, not checked", what, extra={"error": str(exc)})
+        except (RedisError, OSError) as exc:
+            raise SinkUnavailable(f"redis: {exc}") from exc
+
+    async def _check_policy(self) -> None:
+        policy = (await self._redis.config_get("maxmemory-policy")).get("maxmemory-policy")
         if isinstance(policy, bytes):
             policy = policy.decode()
         if policy in _EVICTING:
