@@ -19,11 +19,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import paho.mqtt.client as mqtt
+import redis
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -308,3 +310,98 @@ def worker_bench(redis_url: str, entries: int, assets: int, log: Path) -> Worker
     result.rate = float(found.group(1).replace(",", ""))
     result.cpu_us, result.redis_cpu_us = float(found.group(2)), float(found.group(3))
     return result
+
+
+# --- Redis with replicas: one master and its replica, or a cluster -------------------------------
+
+# Every node of bench/cluster_bench.py as tests/cluster.py's LocalCluster starts a cluster's: an
+# append-only file as a production node keeps it, with no rewrite of its own inside a measured
+# window (the harness rewrites between subjects).
+NODE_ARGS = ("--appendonly", "yes", "--appendfsync", "everysec",
+             "--auto-aof-rewrite-percentage", "0", "--repl-diskless-sync-delay", "0")  # fmt: skip
+
+
+@dataclass
+class RedisNodes:
+    """The Redis servers of a run: one master and its replica, or a cluster's masters and
+    replicas; `url` is what the bridges and workers are given."""
+
+    url: str
+    cluster: bool
+    masters: list[Any] = field(default_factory=list)  # tests.services.Service
+    replicas: list[Any] = field(default_factory=list)
+
+    def pids(self) -> dict[str, list[int]]:
+        return {
+            "masters": [s.pid for s in self.masters],
+            "replicas": [s.pid for s in self.replicas],
+        }
+
+    @staticmethod
+    def info(service: Any, section: str) -> dict[str, Any]:
+        """INFO `section` of one node; "cluster" is CLUSTER INFO (cluster_state and the rest)."""
+        with redis.Redis(port=service.port, decode_responses=True, socket_timeout=5) as r:
+            if section != "cluster":
+                return dict(r.info(section))
+            text = str(r.execute_command("CLUSTER", "INFO"))
+        return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+    def reset(self, timeout_s: float = 60) -> None:
+        """Empty every master (the replicas follow), then rewrite every append-only file, so each
+        subject starts from the same small files and no rewrite falls inside its window."""
+        for service in self.masters:
+            with redis.Redis(port=service.port, socket_timeout=30) as r:
+                r.flushall()
+        every = self.masters + self.replicas
+        wait_until(lambda: not any(self.info(s, "keyspace") for s in every), timeout_s,
+                   "the replicas emptied")  # fmt: skip
+        for service in every:
+            with redis.Redis(port=service.port, socket_timeout=5) as r:
+                r.bgrewriteaof()
+
+        def rewritten(service: Any) -> bool:
+            found = self.info(service, "persistence")
+            return bool(found["aof_rewrite_in_progress"] == 0 == found["aof_rewrite_scheduled"])
+
+        wait_until(lambda: all(map(rewritten, every)), timeout_s, "the AOF rewrites", poll_s=0.1)
+
+    def stop(self) -> None:
+        services.stop_processes([s.proc for s in self.masters + self.replicas if s.proc], 10)
+
+
+def _node(workdir: Path, *extra: str) -> Any:
+    port = free_port()
+    service = services.redis_service(workdir / f"redis-{port}", port, *NODE_ARGS, *extra)
+    if service is None:
+        raise RuntimeError("the bench needs redis-server")
+    return service.start()
+
+
+def redis_pair(workdir: Path, timeout_s: float = 30) -> RedisNodes:
+    """One Redis and one replica of it (`--replicaof`), the replica in sync."""
+    nodes = RedisNodes("", cluster=False)
+    try:
+        master = _node(workdir)
+        nodes.masters.append(master)
+        nodes.replicas.append(_node(workdir, "--replicaof", "127.0.0.1", str(master.port)))
+        wait_until(lambda: nodes.info(nodes.replicas[0], "replication")
+                   .get("master_link_status") == "up", timeout_s, "the replica in sync")  # fmt: skip
+    except BaseException:
+        nodes.stop()
+        raise
+    nodes.url = f"redis://127.0.0.1:{master.port}/0"
+    return nodes
+
+
+def redis_cluster(workdir: Path, masters: int = 3, timeout_s: float = 60) -> RedisNodes:
+    """A Redis Cluster of `masters` masters with one replica each: the tests' LocalCluster (its
+    nodes' append-only files as NODE_ARGS has them), healthy and every replica in sync."""
+    local = importlib.import_module("tests.cluster").LocalCluster(
+        workdir, "--auto-aof-rewrite-percentage", "0"
+    )
+    local.start(masters=masters, replicas_per_master=1, timeout_s=timeout_s)
+    roles = {node.port: node.role for node in local.nodes()}
+    nodes = RedisNodes(local.url, cluster=True)
+    for port, service in sorted(local.services.items()):
+        (nodes.masters if roles[port] == "master" else nodes.replicas).append(service)
+    return nodes
