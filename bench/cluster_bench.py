@@ -344,7 +344,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Plan]:
                         help=f"comma-separated, of: {', '.join(SUBJECTS)}")  # fmt: skip
     parser.add_argument("--messages", type=int, help="drain N (default 100,000; quick 10,000)")
     parser.add_argument("--rounds", type=int, help="rounds of every subject (default 3; quick 1)")
-    parser.add_argument("--live-rate", type=float, default=10_000,
+    parser.add_argument("--live-rate", type=float, default=20_000,
                         help="msg/s of the live phase, the same for every subject")  # fmt: skip
     parser.add_argument("--live-s", type=float, help="seconds of the live phase (default 8)")
     parser.add_argument("--results", choices=["auto", "write", "skip"], default="auto",
