@@ -151,7 +151,8 @@ def total_cpu_us(row: Run) -> float:
 def table(runs: list[Run], rows: list[Run]) -> str:
     head = ("| subject | drain msg/s | vs reference | CPU µs/msg: bridge (workers) | Redis: "
             "masters + replicas | Mosquitto | all | busiest master, share of a core "
-            "| live msg/s | p50 / p99 ms | bridge write / ack ms | lost / dup / dead | ok |")  # fmt: skip
+            "| live msg/s | live bridge µs/msg | p50 / p99 ms | bridge write / ack ms "
+            "| lost / dup / dead | ok |")  # fmt: skip
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for row in rows:
         subject = SUBJECTS[row.subject]
@@ -159,8 +160,9 @@ def table(runs: list[Run], rows: list[Run]) -> str:
         to_ref = ratio(runs, row, "rate")
         versus = f"{to_ref:.2f}x {subject.reference}" if to_ref is not None else "-"
         workers = f" ({row.worker_cpu_us:.1f})" if not math.isnan(row.worker_cpu_us) else ""
-        live_cols = (f"{row.live_rate:,.0f} | {row.p50_ms:.1f} / {row.p99_ms:.1f} | "
-                     f"{row.write_ms:.2f} / {row.ack_ms:.2f}") if row.live_rate else "- | - | -"  # fmt: skip
+        live_cols = (f"{row.live_rate:,.0f} | {row.live_bridge_cpu_us:.1f} | {row.p50_ms:.1f} / "
+                     f"{row.p99_ms:.1f} | {row.write_ms:.2f} / {row.ack_ms:.2f}"
+                     if row.live_rate else "- | - | - | -")  # fmt: skip
         lines.append(
             f"| {name} | {row.rate:,.0f} | {versus} | {row.bridge_cpu_us:.1f}{workers} "
             f"| {row.redis_cpu_us:.1f}: {row.master_cpu_us:.1f} + {row.replica_cpu_us:.1f} "
@@ -199,8 +201,9 @@ def setup_notes(rounds: int, subjects: list[str], messages: int, shards: int, li
         f"{live_rate:,.0f} msg/s for {live_s:.0f} s",
         "CPU µs/msg over the drain window, from /proc: the bridge (the pipeline's 2 workers in "
         "brackets), Redis (every node of the set-up: masters + replicas), Mosquitto, and all of "
-        "them; busiest master: the CPU seconds of the busiest master over the window's; write / "
-        "ack: the bridge's mean batch write and receive-to-ack in the live phase (its /metrics)",
+        "them; busiest master: the CPU seconds of the busiest master over the window's; live "
+        "bridge µs/msg: the bridge's CPU over the live phase per live message; write / ack: its "
+        "mean batch write and receive-to-ack in the live phase (its /metrics)",
     ]
 
 
