@@ -126,10 +126,16 @@ def slot_of(key: str | bytes) -> int:
 
 
 class Nodes:
-    """The masters of a Redis Cluster by slot, and a plain client per master."""
+    """The masters of a Redis Cluster by slot, and a plain client per master (decoding replies
+    with `decode_responses`, named `client_name`)."""
 
-    def __init__(self, settings: RedisSettings) -> None:
+    def __init__(
+        self, settings: RedisSettings, *, decode_responses: bool = False,
+        client_name: str | None = None,
+    ) -> None:  # fmt: skip
         self._settings = settings
+        self._decode_responses = decode_responses
+        self._client_name = client_name
         self._masters: dict[int, Address] = {}  # slot -> address, for every slot covered
         self._clients: dict[Address, aioredis.Redis] = {}
         self._refreshing = asyncio.Lock()
@@ -149,7 +155,10 @@ class Nodes:
         """The plain client of one master (made on first use, kept until `close`)."""
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = redis_client(self._settings, address=address)
+            client = self._clients[address] = redis_client(
+                self._settings, decode_responses=self._decode_responses,
+                client_name=self._client_name, address=address,
+            )  # fmt: skip
         return client
 
     @property
