@@ -1,5 +1,5 @@
 """The worker process: wiring only. Settings in, a consumer with its detectors, metrics and Redis
-client out; `run(stop)` until stop, then at most `worker.shutdown_grace_s` to finish the batch."""
+clients out; `run(stop)` until stop, then at most `worker.shutdown_grace_s` to finish the batch."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 
-from bridge.redis_nodes import redis_client
 from config.settings import Settings
 from observability.metrics import WorkerMetrics
 from workers.consumer import Consumer, consumer_name
 from workers.detectors import Check, build_checks
+from workers.placement import Placement
 from workers.state import Engine
 
 log = logging.getLogger(__name__)
@@ -40,17 +40,15 @@ class WorkerApp:
         """Consume until `stop`; then finish and ack the current batch, hand the shards back and
         close the client."""
         # Built here, not in __init__, so its connections belong to the running event loop.
-        client = redis_client(
-            self._settings.redis,
-            decode_responses=True,
-            client_name=f"iotbridge-worker-{self.consumer.name}",
+        redis = Placement.connect(
+            self._settings.redis, client_name=f"iotbridge-worker-{self.consumer.name}"
         )
         try:
             async with asyncio.TaskGroup() as tasks:
-                consuming = tasks.create_task(self.consumer.run(client, stop), name="consumer")
+                consuming = tasks.create_task(self.consumer.run(redis, stop), name="consumer")
                 tasks.create_task(self._enforce_grace(stop, consuming), name="shutdown-grace")
         finally:
-            await client.aclose()
+            await redis.close()
 
     async def _enforce_grace(self, stop: asyncio.Event, consuming: asyncio.Task[None]) -> None:
         """After stop, give the consumer the grace period to finish its batch, then cancel it: an

@@ -15,7 +15,9 @@ is never touched by two coroutines at once:
    processing failed, and entries a worker read after losing its lease;
 3. every `detectors.tick_s`: the time-driven checks (staleness), with no message needed;
 4. new entries of the owned streams: XREADGROUP >, BLOCK short so a stop is prompt; with a
-   backlog the next batch is read while this one is processed (only the reading overlaps).
+   backlog the next batch is read while this one is processed (only the reading overlaps). On a
+   Redis Cluster the owned streams are on several masters: one XREADGROUP per slot (shard index),
+   each on its master, all at once (`_read`).
 
 Redis being down is a state, not an error: one warning, retries with a capped jittered backoff that
 ends early on stop, one info line when it is back. A stop finishes the batch in hand (written,
@@ -31,7 +33,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Sequence
-from typing import cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -42,7 +44,8 @@ from observability.lifecycle import Backoff, stopped_within
 from observability.metrics import WorkerMetrics
 from workers.anomaly import AnomalyEvent
 from workers.leases import Leases
-from workers.outputs import LeaseLost, Outputs, Sent, commit, send
+from workers.outputs import LeaseLost, Outputs, Sent, Written, send
+from workers.placement import Placement
 from workers.processing import Delivery, Result, process, sweep
 from workers.reporting import Reporter
 from workers.state import Engine, Shard, ShardState, shards_of
@@ -65,6 +68,11 @@ _BLOCK_MARGIN_MS = 250
 _MAX_REMEMBERED_ERRORS = 10_000
 # What `_housekeeping` does on a clock.
 _CHORES = ("beat", "claim", "sweep", "report")
+# On a cluster, the BLOCK of the reads sent to every master at once when the last ones found
+# nothing: a read is never cancelled (the entries its reply may carry would be pending for us,
+# unseen until claimed after `claim_idle_ms`, out of order), so the round ends with its slowest
+# read, and a quiet shard holds an entry of a busy one back at most this long.
+_CLUSTER_BLOCK_MS = 50
 
 
 def consumer_name(worker: WorkerSettings) -> str:
@@ -95,8 +103,13 @@ class Consumer:
         self._shards = shards_of(self._keys, self._group, settings.telemetry_routes)
         self._engine = engine
         self._leases = Leases(
-            self._keys.worker_members(self._group), name, self._shards, worker.lease_ttl_ms
-        )
+            self._keys.worker_members(self._group), name, self._shards, worker.lease_ttl_ms,
+            by_slot=settings.redis.cluster,
+        )  # fmt: skip
+        self._durability = settings.redis.durability
+        self._cluster = settings.redis.cluster
+        # The reads found entries last time (a cluster's next reads do not wait for more).
+        self._flowing = False
         self._metrics = metrics
         self._report = Reporter(metrics, self._group)
         self.owned: dict[str, ShardState] = {}
@@ -111,6 +124,7 @@ class Consumer:
         # The write sent and not yet settled: (its reply, the batch, its states, when it began).
         self._in_flight: tuple[Sent, Result, list[ShardState], float] | None = None
         self._down_since: float | None = None
+        self._placement: Placement | None = None
         self.connected = False
         metrics.connected.labels(target=TARGET).set(0)
 
@@ -119,15 +133,18 @@ class Consumer:
             return False, "redis unavailable"
         return True, "ready"
 
-    async def run(self, client: Redis, stop: asyncio.Event) -> None:
+    async def run(self, placement: Placement, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; the batch in hand is written and acked before returning,
         then the leases are released."""
+        self._placement = placement
+        client = placement.client
         backoff = Backoff(self._backoff_settings)
         try:
             while not stop.is_set():
                 try:
                     await self._session(client, stop, backoff)
                 except DependencyUnavailable as exc:
+                    placement.invalidate()
                     delay = backoff.next_delay()
                     self._mark_down(exc, delay)
                     if await stopped_within(stop, delay):
@@ -164,7 +181,7 @@ class Consumer:
                     continue
                 with translated():
                     if ahead is None:
-                        reply = await self._read(client, streams, self._block_ms)
+                        reply = await self._read(client, streams, self._block())
                     else:
                         reply, ahead = await ahead, None
                 backlog = any(len(items) == self._batch_size for items in reply.values())
@@ -188,7 +205,7 @@ class Consumer:
                 self._in_flight = None
                 for state in states:
                     state.rollback_all()
-                await sent.abandon(client)
+                await sent.abandon()
             if ahead is not None:
                 # Its entries, if it got any, are pending for us: the next session replays them.
                 ahead.cancel()
@@ -200,16 +217,54 @@ class Consumer:
         """Owned streams whose new entries may be read: not waiting for a reload or a replay."""
         return [s for s in self.owned if s not in self._stale and s not in self._recovering]
 
+    def _block(self) -> int | None:
+        """The BLOCK of the next read of new entries (None: none)."""
+        if not self._cluster:
+            return self._block_ms
+        return None if self._flowing else min(self._block_ms, _CLUSTER_BLOCK_MS)
+
     async def _read(
         self, client: Redis, streams: list[str], block_ms: int | None
     ) -> dict[str, list[Entry]]:
-        reply = await read_new(client, self._group, self.name, streams, self._batch_size, block_ms)
+        if self._cluster:
+            reply = await self._read_slots(streams, block_ms)
+            self._flowing = bool(reply)
+        else:
+            reply = await read_new(
+                client, self._group, self.name, streams, self._batch_size, block_ms
+            )
         for stream in streams:
             if len(reply.get(stream, ())) < self._batch_size:
                 self._caught_up.add(stream)
             else:
                 self._caught_up.discard(stream)
         return reply
+
+    async def _read_slots(self, streams: list[str], block_ms: int | None) -> dict[str, list[Entry]]:
+        """New entries of `streams` on a cluster: one read per slot, on its master, all at once.
+        Every read is awaited to its end, whatever the others do (see `_CLUSTER_BLOCK_MS`)."""
+        placement = self._redis()
+        groups = placement.by_slot(streams, str)
+        masters = [await placement.master(group[0]) for group in groups]
+        replies: list[Any] = await asyncio.gather(
+            *(
+                read_new(master, self._group, self.name, group, self._batch_size, block_ms)
+                for master, group in zip(masters, groups, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        merged: dict[str, list[Entry]] = {}
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                # The entries of the others are pending for us: the next session replays them.
+                raise reply
+            merged.update(reply)
+        return merged
+
+    def _redis(self) -> Placement:
+        if self._placement is None:
+            raise RuntimeError("the consumer is not running")
+        return self._placement
 
     def _is_due(self, task: str, every_s: float) -> bool:
         now = time.monotonic()
@@ -323,9 +378,7 @@ class Consumer:
             return
         try:
             with translated():
-                sent = await send(
-                    client, self._keys, self._group, self.name, result.outputs, self._dedup_ttl_ms
-                )
+                sent = await self._send(result.outputs)
         except BaseException:
             for state in states:
                 state.rollback()
@@ -349,7 +402,7 @@ class Consumer:
             return True
         sent, result, states, started = self._in_flight
         self._in_flight = None
-        if not await self._outcome(client, sent.settle(client), result.outputs, states, later):
+        if not await self._outcome(client, sent.settle(), result.outputs, states, later):
             return False
         self._done(result, started)
         return True
@@ -381,34 +434,54 @@ class Consumer:
 
     async def _write(self, client: Redis, outputs: Outputs, states: Sequence[ShardState]) -> bool:
         """Commit `outputs`; on success the states take the batch, on failure they roll back."""
-        written = commit(client, self._keys, self._group, self.name, outputs, self._dedup_ttl_ms)
-        return await self._outcome(client, written, outputs, states)
+        return await self._outcome(client, self._commit(outputs), outputs, states)
+
+    async def _send(self, outputs: Outputs) -> Sent:
+        return await send(self._redis(), self._keys, self._group, self.name, outputs,
+                          self._dedup_ttl_ms, self._durability)  # fmt: skip
+
+    async def _commit(self, outputs: Outputs) -> Written:
+        return await (await self._send(outputs)).settle()
 
     async def _outcome(
-        self, client: Redis, written: Awaitable[dict[Shard, int]], outputs: Outputs,
+        self, client: Redis, written: Awaitable[Written], outputs: Outputs,
         states: Sequence[ShardState], later: Sequence[ShardState] = (),
     ) -> bool:  # fmt: skip
-        """Await the write of `outputs` (the batch of `states`): on success the states take the
-        batch; on failure they, and the states of the batches processed since (`later`), roll
-        back to their last written batch."""
+        """Await the write of `outputs` (the batch of `states`): the states whose transaction
+        landed take the batch. If any did not, every state, and the states of the batches
+        processed since (`later`), roll back to their last written batch: False for lost leases,
+        the error raised for an unknown outcome."""
         try:
             with translated():
-                acked = await written
-        except LeaseLost as lost:
-            for state in (*later, *states):
-                state.rollback_all()
-            for stream in lost.streams:
-                if stream in self.owned:
-                    self._drop(self.owned[stream].shard, "lost")
-            # The batch's other shards were not written either: their entries are pending, ours.
-            self._stale.update(
-                s.shard.stream for s in (*later, *states) if s.shard.stream in self.owned
-            )
-            return False
+                done = await written
         except BaseException:
             for state in (*later, *states):
                 state.rollback_all()
             raise
+        if done.error is None:
+            self._committed(outputs, states, done)
+            return True
+        if done.landed:
+            # On a cluster a batch is one transaction per slot: those that landed are written.
+            part = outputs.only(done.landed)
+            self._committed(part, [s for s in states if s.shard in done.landed], done)
+        for state in (*later, *states):
+            state.rollback_all()
+        if not isinstance(done.error, LeaseLost):
+            # Its outcome is unknown: the next session reloads every checkpoint.
+            with translated():
+                raise done.error
+        for stream in done.error.streams:
+            if stream in self.owned:
+                self._drop(self.owned[stream].shard, "lost")
+        # The batch's other shards were not written either: their entries are pending, ours.
+        self._stale.update(
+            s.shard.stream for s in (*later, *states) if s.shard.stream in self.owned
+        )
+        return False
+
+    def _committed(self, outputs: Outputs, states: Sequence[ShardState], done: Written) -> None:
+        """`states` were written with `outputs`: their batch is their checkpoint now."""
         events: dict[Shard, list[AnomalyEvent]] = {}
         for shard, event in outputs.events:
             events.setdefault(shard, []).append(event)
@@ -417,8 +490,7 @@ class Consumer:
                 state.shard, (state.last_id, state.watermark_ms)
             )
             state.committed(events.get(state.shard, []), last_id, watermark)
-        self._report.written(outputs, acked, self.owned)
-        return True
+        self._report.written(outputs, done.acked, self.owned)
 
     async def _leave(self, client: Redis) -> None:
         """Hand the shards back (everything is checkpointed) and leave the live members."""

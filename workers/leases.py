@@ -11,16 +11,24 @@ clock (the scripts read TIME, so the workers' own clocks do not matter). With W 
 aims to own ceil(shards / W): one above that releases its least preferred shards, one below takes
 free ones. Preference is a rendezvous hash of (worker, shard), so workers reach for different
 shards first.
+
+One script renews, takes or releases many leases at once. On a Redis Cluster (`by_slot`) a script
+may only name keys of one slot: it runs once per slot, each on the master of that slot (the
+leases of one shard index share its hash tag).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import zlib
 from collections.abc import Sequence
+from itertools import groupby
 from typing import Generic, Protocol, TypeVar
 
 from redis.asyncio import Redis
+
+from bridge.redis_nodes import slot_of
 
 
 class Leased(Protocol):
@@ -77,10 +85,14 @@ return n
 class Leases(Generic[T]):
     """One member's side of the lease protocol for one group (`members`: its sorted set)."""
 
-    def __init__(self, members: str, owner: str, shards: Sequence[T], ttl_ms: int) -> None:
+    def __init__(
+        self, members: str, owner: str, shards: Sequence[T], ttl_ms: int, *, by_slot: bool = False
+    ) -> None:
+        """`by_slot`: a Redis Cluster, where one script names the leases of one slot only."""
         self.owner = owner
         self.ttl_ms = ttl_ms
         self._members = members
+        self._by_slot = by_slot
         # Rendezvous hashing: a fixed order of preference per member.
         self.preferred = sorted(
             shards, key=lambda shard: zlib.crc32(f"{owner}/{shard.lease}".encode())
@@ -97,26 +109,48 @@ class Leases(Generic[T]):
 
     async def renew(self, client: Redis, shards: Sequence[T]) -> list[T]:
         """Extend the leases of `shards`; those still held."""
-        if not shards:
-            return []
-        held = await client.eval(
-            _RENEW, len(shards), *(s.lease for s in shards), self.owner, self.ttl_ms
-        )
-        return [shards[int(i) - 1] for i in held]
+        parts = self._slots(shards)
+        replies = await asyncio.gather(*(
+            client.eval(_RENEW, len(part), *(s.lease for s in part), self.owner, self.ttl_ms)
+            for part in parts
+        ))  # fmt: skip
+        return [part[int(i) - 1] for part, held in zip(parts, replies, strict=True) for i in held]
 
     async def acquire(self, client: Redis, candidates: Sequence[T], wanted: int) -> list[T]:
         """Take up to `wanted` free leases among `candidates`, in order."""
-        if not candidates or wanted <= 0:
-            return []
-        taken = await client.eval(
-            _ACQUIRE, len(candidates), *(s.lease for s in candidates),
-            self.owner, self.ttl_ms, wanted,
-        )  # fmt: skip
-        return [candidates[int(i) - 1] for i in taken]
+        taken: list[T] = []
+        # On a cluster, one script per run of candidates in one slot, in turn: the order of
+        # preference is kept, and the count taken so far decides what the next run may take.
+        for part in self._runs(candidates):
+            if len(taken) >= wanted:
+                break
+            indexes = await client.eval(
+                _ACQUIRE, len(part), *(s.lease for s in part),
+                self.owner, self.ttl_ms, wanted - len(taken),
+            )  # fmt: skip
+            taken += [part[int(i) - 1] for i in indexes]
+        return taken
 
     async def release(self, client: Redis, shards: Sequence[T]) -> None:
-        if shards:
-            await client.eval(_RELEASE, len(shards), *(s.lease for s in shards), self.owner)
+        await asyncio.gather(*(
+            client.eval(_RELEASE, len(part), *(s.lease for s in part), self.owner)
+            for part in self._slots(shards)
+        ))  # fmt: skip
+
+    def _slots(self, shards: Sequence[T]) -> list[list[T]]:
+        """`shards` by the slot of their lease (all together on one Redis)."""
+        if not self._by_slot:
+            return [list(shards)] if shards else []
+        by_slot: dict[int, list[T]] = {}
+        for shard in shards:
+            by_slot.setdefault(slot_of(shard.lease), []).append(shard)
+        return list(by_slot.values())
+
+    def _runs(self, shards: Sequence[T]) -> list[list[T]]:
+        """`shards` in order, cut where the slot of their lease changes (one run on one Redis)."""
+        if not self._by_slot:
+            return [list(shards)] if shards else []
+        return [list(run) for _, run in groupby(shards, key=lambda s: slot_of(s.lease))]
 
     async def leave(self, client: Redis) -> None:
         """Stop counting as a live worker, so the others rebalance at once."""

@@ -1,10 +1,15 @@
-"""The outputs of one batch and the one transaction that writes them.
+"""The outputs of one batch and the transactions that write them.
 
 Anomaly events, dead letters, the XACK of every entry handled and the checkpoint of every shard
 touched go in one MULTI/EXEC: either all land or none does, so the checkpoint always matches the
-acknowledged entries, and entries that were not acknowledged are not in the saved state.
+acknowledged entries, and entries that were not acknowledged are not in the saved state. On one
+Redis the whole batch is one transaction; on a Redis Cluster it is one transaction per slot: every
+key of shard n (its routes' streams and checkpoints, its anomaly and dead-letter streams, its
+leases and this worker's fence key) carries the hash tag `{n}`, and each slot's transaction goes to
+the master of that slot. The shards of one transaction land or fail together; the batch's other
+transactions land or fail on their own (`Written`).
 
-The transaction is fenced by the shard leases: the lease keys are WATCHed, then a script reads
+A transaction is fenced by the shard leases: the lease keys are WATCHed, then a script reads
 them (`_FENCE`) and, if one is not ours, writes a watched key of this worker's own, so EXEC
 aborts: a worker that lost a shard (it stalled past the lease TTL and another worker took over)
 writes nothing; EXEC also aborts if a lease changes after the check.
@@ -12,32 +17,45 @@ writes nothing; EXEC also aborts if a lease changes after the check.
 Each anomaly is also written at most once (`EMIT_ONCE`): a SET NX PX of a dedup key named after the
 source stream and entry, the detector, the value and the event, then the XADD, in one script, so
 the write is idempotent whatever happens around it (the dedup key lives `worker.dedup_ttl_s`).
-Stream entry ids cannot carry this: an explicit XADD id must exceed the stream's last one.
+Stream entry ids cannot carry this: an explicit XADD id must exceed the stream's last one. Both
+scripts are sent whole with EVAL, never by digest, so a promoted replica with an empty script
+cache runs them as they come (a NOSCRIPT cannot happen).
 
-WATCH, the check, MULTI, the commands and EXEC go in one request, so `send` puts a batch on its
-way and `Sent.settle` reads the replies later: the worker processes the next batch meanwhile (one
-write in flight at most, `workers.consumer`). The transaction is packed into RESP here (hiredis'
-C packer) and sent on one pooled connection: redis-py's pipeline packs every argument in Python,
-and a 500-entry batch has two arguments per entry (its XACK id, its asset's checkpoint row).
-Measured on 50,000 entries: 0.58 s of packing in redis-py, 0.04 s in hiredis. (One Lua script
+With `redis.durability`, a WAIT (or WAITAOF) follows the transactions on the same connection: a
+transaction counts as written only once the replicas confirm it (`bridge.sink.check_wait`).
+
+WATCH, the check, MULTI, the commands and EXEC go in one request per Redis, so `send` puts a batch
+on its way and `Sent.settle` reads the replies later: the worker processes the next batch meanwhile
+(one write in flight at most, `workers.consumer`). The transaction is packed into RESP here
+(hiredis' C packer) and sent on one pooled connection: redis-py's pipeline packs every argument in
+Python, and a 500-entry batch has two arguments per entry (its XACK id, its asset's checkpoint
+row). Measured on 50,000 entries: 0.58 s of packing in redis-py, 0.04 s in hiredis. (One Lua script
 doing all the writes was measured too: 450-550 µs of Redis per 500-entry batch against 77 µs for
 the MULTI/EXEC, the cost of passing a thousand arguments into Lua.)
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Collection
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from hiredis import pack_command
 from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
 
+from bridge.redis_nodes import slot_of
+from bridge.sink import check_wait, wait_command
 from config.errors import DependencyUnavailable, IotBridgeError
 from config.keys import Keys
+from config.settings import DurabilitySettings
 from workers.anomaly import AnomalyEvent
+from workers.placement import Placement
 from workers.state import Shard
 
+T = TypeVar("T")
 EMIT_ONCE = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
   return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
@@ -65,7 +83,8 @@ class Outputs:
     checkpoints: dict[Shard, dict[str, str]] = field(default_factory=dict)
     # Where each shard's checkpoint gets to: (last entry id, stream time in ms).
     positions: dict[Shard, tuple[str, int]] = field(default_factory=dict)
-    processed: Counter[str] = field(default_factory=Counter)
+    # Entries run through the detectors, per shard.
+    processed_by_shard: Counter[Shard] = field(default_factory=Counter)
     # Events raised by the clock (staleness), not by an entry of this batch.
     timed: bool = False
 
@@ -74,108 +93,278 @@ class Outputs:
         touched = {*self.acks, *self.checkpoints, *(shard for shard, _ in self.events)}
         return sorted(touched, key=lambda shard: shard.stream)
 
+    @property
+    def processed(self) -> Counter[str]:
+        """Entries run through the detectors, per route."""
+        out: Counter[str] = Counter()
+        for shard, count in self.processed_by_shard.items():
+            out[shard.route] += count
+        return out
+
+    def only(self, shards: Collection[Shard]) -> Outputs:
+        """The part of these outputs that `shards` write."""
+        return Outputs(
+            events=[(shard, event) for shard, event in self.events if shard in shards],
+            dead_letters=[letter for letter in self.dead_letters if letter[0] in shards],
+            acks={shard: ids for shard, ids in self.acks.items() if shard in shards},
+            checkpoints={s: fields for s, fields in self.checkpoints.items() if s in shards},
+            positions={s: position for s, position in self.positions.items() if s in shards},
+            processed_by_shard=Counter(
+                {s: n for s, n in self.processed_by_shard.items() if s in shards}
+            ),
+            timed=self.timed,
+        )
+
     def __bool__(self) -> bool:
         return bool(self.events or self.dead_letters or self.acks or self.checkpoints)
 
 
+@dataclass
+class Transaction:
+    """One MULTI/EXEC of a batch with its fence: WATCH, the fence script, MULTI, the writes and
+    EXEC (`commands`). On a cluster every key it names is in one slot."""
+
+    shards: list[Shard]  # whose leases fence it
+    commands: list[tuple[str, ...]]
+    acks: list[Shard]  # the shards XACKed, in command order
+    first_ack: int  # where their replies start among EXEC's
+
+    @property
+    def replies(self) -> int:
+        return len(self.commands)
+
+
+def transactions(
+    keys: Keys, group: str, owner: str, outputs: Outputs, dedup_ttl_ms: int
+) -> list[Transaction]:
+    """The transactions that write `outputs`: one on one Redis, one per slot (shard index) with
+    `keys.cluster`."""
+    shards = outputs.shards
+    if not shards:
+        return []
+    if not keys.cluster:
+        return [_transaction(keys, group, owner, shards, outputs, dedup_ttl_ms)]
+    by_slot: dict[int, list[Shard]] = {}
+    for shard in shards:
+        by_slot.setdefault(slot_of(shard.stream), []).append(shard)
+    return [
+        _transaction(keys, group, owner, part, outputs.only(part), dedup_ttl_ms)
+        for part in by_slot.values()
+    ]
+
+
+def _transaction(
+    keys: Keys, group: str, owner: str, shards: list[Shard], outputs: Outputs, dedup_ttl_ms: int
+) -> Transaction:
+    # A batch of one failing entry acks nothing on its shard.
+    acks = {shard: ids for shard, ids in outputs.acks.items() if ids}
+    leases = [shard.lease for shard in shards]
+    fence = keys.worker_fence(group, owner, shards[0].index)
+    commands = [
+        ("WATCH", fence, *leases),
+        ("EVAL", _FENCE, str(1 + len(leases)), fence, *leases, owner),
+        ("MULTI",),
+        *_commands(keys, group, outputs, acks, dedup_ttl_ms),
+        ("EXEC",),
+    ]
+    first_ack = len(outputs.events) + len(outputs.dead_letters)
+    return Transaction(shards, commands, list(acks), first_ack)
+
+
+@dataclass
+class Written:
+    """The outcome of a batch's transactions: the shards written (with the entries XACK
+    acknowledged on each), and why the others were not, if any were not: `LeaseLost` naming the
+    shards no longer ours, else an error whose outcome is unknown (the connection broke around
+    EXEC, the replicas did not confirm, a slot moved)."""
+
+    landed: set[Shard] = field(default_factory=set)
+    acked: dict[Shard, int] = field(default_factory=dict)
+    error: BaseException | None = None
+
+
+@dataclass
+class _Part:
+    """The transactions sent on one connection to one Redis (one master of a cluster)."""
+
+    client: Redis
+    transactions: list[Transaction] = field(default_factory=list)
+    conn: Any = None
+
+
 class Sent:
-    """A batch's transaction on its way: sent, its replies not read yet (`settle`)."""
+    """A batch's transactions on their way: sent, their replies not read yet (`settle`)."""
 
-    def __init__(
-        self, conn: Any, keys: Keys, owner: str, shards: list[Shard], acks: list[Shard],
-        first_ack: int, commands: int,
-    ) -> None:  # fmt: skip
-        self._conn = conn
-        self._keys = keys
+    def __init__(self, parts: list[_Part], owner: str, durability: DurabilitySettings) -> None:
+        self._parts = parts
         self._owner = owner
-        self._shards = shards
-        self._acks = acks
-        self._first_ack = first_ack
-        self._commands = commands
+        self._durability = durability
+        self._waits = bool(wait_command(durability))
+        self._settled = False
 
-    async def settle(self, client: Redis) -> dict[Shard, int]:
-        """The entries XACK acknowledged, per shard. `LeaseLost` names the shards no longer ours,
-        `DependencyUnavailable` means aborted with the leases still ours: nothing was written."""
-        conn, self._conn = self._conn, None
-        if conn is None:
+    async def settle(self) -> Written:
+        """Read the outcome of every transaction."""
+        if self._settled:
             raise RuntimeError("a transaction is settled once")
+        self._settled = True
+        if len(self._parts) == 1:
+            results = [await _caught(self._settle_part(self._parts[0]))]
+        else:
+            # Every part is read to its end: none is cancelled because another failed.
+            results = await asyncio.gather(*(_caught(self._settle_part(p)) for p in self._parts))
+        written = Written()
+        errors: list[BaseException] = []
+        for part, result in zip(self._parts, results, strict=True):
+            if isinstance(result, BaseException):
+                errors.append(result)  # every transaction of the part: outcome unknown
+                continue
+            for transaction, outcome in zip(part.transactions, result, strict=True):
+                if isinstance(outcome, BaseException):
+                    errors.append(outcome)
+                else:
+                    written.landed.update(transaction.shards)
+                    written.acked.update(outcome)
+        written.error = _first(errors)
+        return written
+
+    async def _settle_part(self, part: _Part) -> list[dict[Shard, int] | BaseException]:
+        conn, part.conn = part.conn, None
+        pool = part.client.connection_pool
         try:
-            await conn.read_response()  # WATCH
-            lost_at = await conn.read_response()  # _FENCE: the leases that are not ours
-            for _ in range(self._commands + 1):  # +OK, then QUEUED per command
-                await conn.read_response()
-            results = await conn.read_response()
+            replies = [await _replies(conn, t.replies) for t in part.transactions]
+            confirmed = (await _replies(conn, 1))[0] if self._waits else None
         except BaseException:
-            # Replies may be left unread on it (an error reply raises): never reuse it.
+            # Replies may be left unread on it: never reuse it.
             await conn.disconnect()
             raise
         finally:
-            await client.connection_pool.release(conn)
-        if lost_at:
-            raise LeaseLost([self._shards[int(i) - 1].stream for i in lost_at])
+            await pool.release(conn)
+        outcomes: list[dict[Shard, int] | BaseException] = []
+        for transaction, replied in zip(part.transactions, replies, strict=True):
+            try:
+                outcomes.append(await self._outcome(part.client, transaction, replied))
+            except (IotBridgeError, ResponseError) as exc:
+                outcomes.append(exc)
+        if self._waits:
+            try:
+                if isinstance(confirmed, BaseException):
+                    raise confirmed
+                # The replicas confirm every write of this connection so far, or none counts.
+                check_wait(confirmed, self._durability)
+            except RedisError as exc:  # ReplicasBehind, or WAIT refused
+                outcomes = [exc if isinstance(o, dict) else o for o in outcomes]
+        return outcomes
+
+    async def _outcome(
+        self, client: Redis, transaction: Transaction, replies: list[Any]
+    ) -> dict[Shard, int]:
+        """The entries XACK acknowledged per shard, from one transaction's replies."""
+        *queued, results = replies
+        lost_at = queued[1]
+        if isinstance(lost_at, list) and lost_at:
+            raise LeaseLost([transaction.shards[int(i) - 1].stream for i in lost_at])
+        failed = next((r for r in queued if isinstance(r, BaseException)), None)
+        if failed is not None:
+            # Refused before EXEC (a MOVED, a CLUSTERDOWN): EXEC discarded the whole transaction.
+            raise failed
         if results is None:
             # A lease changed after the check.
-            shards = self._shards
+            shards = transaction.shards
             owners = await client.mget([shard.lease for shard in shards])
             lost = [s.stream for s, held in zip(shards, owners, strict=True) if held != self._owner]
             if lost:
                 raise LeaseLost(lost)
             raise DependencyUnavailable("redis: transaction aborted, leases still ours")
-        failed = next((r for r in results if isinstance(r, Exception)), None)
+        if isinstance(results, BaseException):
+            raise results
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None:
             raise failed
-        counts = results[self._first_ack : self._first_ack + len(self._acks)]
+        first = transaction.first_ack
+        counts = results[first : first + len(transaction.acks)]
         # XACK counts only entries still pending, so the metric says what really happened.
-        return {shard: int(n) for shard, n in zip(self._acks, counts, strict=True)}
+        return {shard: int(n) for shard, n in zip(transaction.acks, counts, strict=True)}
 
-    async def abandon(self, client: Redis) -> None:
-        """Give up on the replies (the outcome stays unknown): the connection is closed."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.disconnect()
-            await client.connection_pool.release(conn)
+    async def abandon(self) -> None:
+        """Give up on the replies (the outcome stays unknown): the connections are closed."""
+        self._settled = True
+        for part in self._parts:
+            conn, part.conn = part.conn, None
+            if conn is not None:
+                await conn.disconnect()
+                await part.client.connection_pool.release(conn)
+
+
+async def _caught(settling: Awaitable[T]) -> T | Exception:
+    """What `settling` returns, or the Redis error it raised (a bug still raises)."""
+    try:
+        return await settling
+    except (RedisError, OSError, IotBridgeError) as exc:
+        return exc
+
+
+def _first(errors: list[BaseException]) -> BaseException | None:
+    """The error to act on: one whose outcome is unknown before a lost lease (after it every
+    shard is reloaded anyway), the lost leases together."""
+    unknown = [e for e in errors if not isinstance(e, LeaseLost)]
+    if unknown:
+        return unknown[0]
+    lost = [stream for e in errors if isinstance(e, LeaseLost) for stream in e.streams]
+    return LeaseLost(lost) if lost else None
+
+
+async def _replies(conn: Any, count: int) -> list[Any]:
+    """`count` replies read in turn; an error reply is returned, not raised, so every reply of the
+    request is read and the connection stays in step."""
+    out: list[Any] = []
+    for _ in range(count):
+        try:
+            out.append(await conn.read_response())
+        except ResponseError as exc:
+            out.append(exc)
+    return out
 
 
 async def commit(
-    client: Redis, keys: Keys, group: str, owner: str, outputs: Outputs, dedup_ttl_ms: int
-) -> dict[Shard, int]:
-    """Write `outputs` in one transaction if this worker still holds every lease involved; the
-    entries XACK acknowledged, per shard.
+    placement: Placement, keys: Keys, group: str, owner: str, outputs: Outputs,
+    dedup_ttl_ms: int, durability: DurabilitySettings | None = None,
+) -> dict[Shard, int]:  # fmt: skip
+    """Write `outputs` if this worker still holds every lease involved; the entries XACK
+    acknowledged, per shard.
 
     `LeaseLost` names the shards no longer ours; `DependencyUnavailable` means the outcome is
     unknown (the connection broke around EXEC). Either way the caller must reload the state of
     the batch's shards from their checkpoints, which always match what was acknowledged."""
-    return await (await send(client, keys, group, owner, outputs, dedup_ttl_ms)).settle(client)
+    sent = await send(placement, keys, group, owner, outputs, dedup_ttl_ms, durability)
+    written = await sent.settle()
+    if written.error is not None:
+        raise written.error
+    return written.acked
 
 
 async def send(
-    client: Redis, keys: Keys, group: str, owner: str, outputs: Outputs, dedup_ttl_ms: int
-) -> Sent:
-    """`commit` without waiting for the replies: the transaction is on its way when this returns
-    and `Sent.settle` reads its outcome, so the next batch can be processed meanwhile."""
-    shards = outputs.shards
-    # A batch of one failing entry acks nothing on its shard.
-    acks = {shard: ids for shard, ids in outputs.acks.items() if ids}
-    commands = _commands(keys, group, outputs, acks, dedup_ttl_ms)
-    leases = [shard.lease for shard in shards]
-    fence = f"{keys.worker_members(group)}:fence:{owner}"
-    packed = [
-        _pack(("WATCH", fence, *leases)),
-        _pack(("EVAL", _FENCE, str(1 + len(leases)), fence, *leases, owner)),
-        _pack(("MULTI",)),
-        *map(_pack, commands),
-        _pack(("EXEC",)),
-    ]
-    pool = client.connection_pool
-    conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+    placement: Placement, keys: Keys, group: str, owner: str, outputs: Outputs,
+    dedup_ttl_ms: int, durability: DurabilitySettings | None = None,
+) -> Sent:  # fmt: skip
+    """`commit` without waiting for the replies: the transactions are on their way when this
+    returns and `Sent.settle` reads their outcome, so the next batch can be processed meanwhile."""
+    durability = durability or DurabilitySettings()
+    parts: dict[int, _Part] = {}
+    for transaction in transactions(keys, group, owner, outputs, dedup_ttl_ms):
+        client = await placement.master(transaction.shards[0].stream)
+        parts.setdefault(id(client), _Part(client)).transactions.append(transaction)
+    sent = Sent(list(parts.values()), owner, durability)
+    wait = wait_command(durability)
     try:
-        await conn.send_packed_command(b"".join(packed), check_health=False)
+        for part in sent._parts:
+            pool = part.client.connection_pool
+            part.conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            packed = [_pack(command) for t in part.transactions for command in t.commands]
+            await part.conn.send_packed_command(b"".join(packed) + wait, check_health=False)
     except BaseException:
-        await conn.disconnect()
-        await pool.release(conn)
+        await sent.abandon()
         raise
-    first_ack = len(outputs.events) + len(outputs.dead_letters)
-    return Sent(conn, keys, owner, shards, list(acks), first_ack, len(commands))
+    return sent
 
 
 # KEYS[1] this worker's fence key, then the leases; ARGV owner. Reply: the 1-based indexes of the
@@ -199,10 +388,11 @@ def _commands(
         dedup = keys.anomaly_once(group, shard.route, shard.index, event.source_id,
                                   event.detector, event.value_name, event.event.value)  # fmt: skip
         args = [x for pair in event.to_fields(shard.stream).items() for x in pair]
-        commands.append(("EVAL", EMIT_ONCE, "2", dedup, keys.anomalies, str(dedup_ttl_ms), *args))
-    for _, _, letter in outputs.dead_letters:
+        anomalies = keys.anomalies_of(shard.index)
+        commands.append(("EVAL", EMIT_ONCE, "2", dedup, anomalies, str(dedup_ttl_ms), *args))
+    for shard, _, letter in outputs.dead_letters:
         fields = [x for pair in letter.items() for x in pair]
-        commands.append(("XADD", keys.worker_dead_letters, "*", *fields))
+        commands.append(("XADD", keys.worker_dead_letters_of(shard.index), "*", *fields))
     for shard, ids in acks.items():
         commands.append(("XACK", shard.stream, group, *ids))
     for shard, checkpoint in outputs.checkpoints.items():

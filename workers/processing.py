@@ -143,7 +143,7 @@ def _done(
 ) -> None:  # fmt: skip
     """A delivery's outputs besides its acks: events, counts, checkpoint and position."""
     shard, outputs = state.shard, result.outputs
-    outputs.processed[shard.route] += processed
+    outputs.processed_by_shard[shard] += processed
     outputs.events.extend((shard, event) for event in events)
     last_id, watermark = state.last_id, state.watermark_ms
     if entries and entry_key(entries[-1][0]) > entry_key(last_id):

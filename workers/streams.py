@@ -1,6 +1,7 @@
 """The stream commands of the worker and their replies across Redis versions and protocols:
 consumer groups, reads of new entries, claims of pending ones with their delivery counts, and the
-group's lag. Library errors that pass with time become `DependencyUnavailable` here.
+group's lag. Library errors that pass with time become `DependencyUnavailable` here, a Redis
+Cluster's among them.
 """
 
 from __future__ import annotations
@@ -12,10 +13,20 @@ from typing import Any, cast
 
 from hiredis import pack_command
 from redis.asyncio import Redis
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    CrossSlotTransactionError,
+    InvalidPipelineStack,
+    ReadOnlyError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from bridge.sink import ReplicasBehind
 from config.errors import DependencyUnavailable
 from workers.sample import Fields
 
@@ -25,8 +36,23 @@ NEW = ">"
 SCAN_START = "0-0"
 
 # Down, restarting (LOADING is a BusyLoadingError, a ConnectionError), stalled past socket_timeout,
-# or a replica after a failover (READONLY): all pass with time, so all are retried.
-_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError)
+# a replica after a failover (READONLY), replicas that did not confirm a write in time; on a
+# cluster also a failover under way (CLUSTERDOWN, MASTERDOWN), a slot that moved or is moving
+# (MOVED and ASK, TRYAGAIN for a multi-key command in it), and the cluster client's own "no node
+# reachable" and "slot not covered" (RedisClusterException): all pass with time, so all are
+# retried. CROSSSLOT is not among them: it would be a bug in the key layout.
+_UNAVAILABLE = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ReadOnlyError,
+    ReplicasBehind,
+    ClusterDownError,
+    AskError,
+    TryAgainError,
+    RedisClusterException,
+)
+# The cluster client's errors that are bugs of the caller, not states of the cluster.
+_MISUSE = (CrossSlotTransactionError, InvalidPipelineStack)
 
 # (entry id, fields); fields are None for a pending entry that was trimmed or deleted. New entries
 # come as the flat list Redis answers (`read_new`), claimed ones as a dict.
@@ -43,6 +69,8 @@ def translated() -> Iterator[None]:
     """Library errors that pass with time become `DependencyUnavailable`."""
     try:
         yield
+    except _MISUSE:
+        raise
     except _UNAVAILABLE as exc:
         raise DependencyUnavailable(f"redis: {exc}") from exc
     except ResponseError as exc:

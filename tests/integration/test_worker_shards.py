@@ -35,6 +35,7 @@ from workers.anomaly import AnomalyEvent, Event
 from workers.app import WorkerApp
 from workers.detectors import build_checks
 from workers.outputs import LeaseLost, Outputs, commit
+from workers.placement import Placement
 from workers.processing import Delivery, process
 from workers.state import Engine, Shard, ShardState, shards_of
 from workers.streams import Entry
@@ -289,13 +290,13 @@ async def test_a_write_is_fenced_by_the_lease_and_an_event_is_written_once(
     [shard, *_] = shards_of(keys, GROUP, [ROUTE])
     await redis.set(shard.lease, "thief")
     with pytest.raises(LeaseLost):
-        await commit(redis, keys, GROUP, "me", one_event_outputs(shard), 60_000)
+        await commit(Placement(redis), keys, GROUP, "me", one_event_outputs(shard), 60_000)
     assert await redis.xlen(keys.anomalies) == 0
     assert not await redis.exists(shard.checkpoint)
 
     await redis.set(shard.lease, "me")
     # The same outputs twice (a reply lost after EXEC, say): the anomaly is written once.
     for _ in range(2):
-        await commit(redis, keys, GROUP, "me", one_event_outputs(shard), 60_000)
+        await commit(Placement(redis), keys, GROUP, "me", one_event_outputs(shard), 60_000)
     assert await redis.xlen(keys.anomalies) == 1
     assert await redis.hget(shard.checkpoint, "meta") == "{}"
