@@ -20,7 +20,10 @@ is never touched by two coroutines at once:
    each on its master, all at once (`_read`).
 
 Redis being down is a state, not an error: one warning, retries with a capped jittered backoff that
-ends early on stop, one info line when it is back. A stop finishes the batch in hand (written,
+ends early on stop, one info line when it is back. With `redis.durability`, replicas that do not
+confirm a batch in time are such a state too: the batch is written on the master but not counted;
+each retry first sends WAIT again on the connection that wrote it, and it counts once they confirm
+(`_confirm`), before anything else is read. A stop finishes the batch in hand (written,
 acked, checkpointed), then releases the leases and leaves the group's members, so the other
 workers take the shards over at once.
 """
@@ -33,10 +36,12 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Sequence
-from typing import Any, cast
+from typing import cast
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
+from bridge.sink import ReplicasBehind
 from config.errors import DependencyUnavailable
 from config.keys import Keys
 from config.settings import Settings, WorkerSettings
@@ -44,7 +49,7 @@ from observability.lifecycle import Backoff, stopped_within
 from observability.metrics import WorkerMetrics
 from workers.anomaly import AnomalyEvent
 from workers.leases import Leases
-from workers.outputs import LeaseLost, Outputs, Sent, Written, send
+from workers.outputs import LeaseLost, Outputs, Sent, Unconfirmed, Written, send
 from workers.placement import Placement
 from workers.processing import Delivery, Result, process, sweep
 from workers.reporting import Reporter
@@ -56,6 +61,7 @@ from workers.streams import (
     create_groups,
     delivery_counts,
     read_new,
+    read_slots,
     translated,
 )
 
@@ -125,12 +131,17 @@ class Consumer:
         self._in_flight: tuple[Sent, Result, list[ShardState], float] | None = None
         self._down_since: float | None = None
         self._placement: Placement | None = None
+        # Batches written that the replicas did not confirm in time, oldest first.
+        self._unconfirmed: list[tuple[Unconfirmed, Outputs]] = []
         self.connected = False
+        self._error = ""  # why Redis was last unavailable, for /readyz
         metrics.connected.labels(target=TARGET).set(0)
 
     def readiness(self) -> tuple[bool, str]:
         if not self.connected:
-            return False, "redis unavailable"
+            return False, f"redis unavailable: {self._error}" if self._error else (
+                "redis unavailable"
+            )
         return True, "ready"
 
     async def run(self, placement: Placement, stop: asyncio.Event) -> None:
@@ -152,6 +163,9 @@ class Consumer:
                     self._metrics.reconnects.labels(target=TARGET).inc()
             await self._leave(client)
         finally:
+            for unconfirmed, _ in self._unconfirmed:
+                await unconfirmed.close()
+            self._unconfirmed = []
             # Stopped or cancelled, this consumer no longer does its job: /readyz must say so.
             self.connected = False
             self._metrics.connected.labels(target=TARGET).set(0)
@@ -160,6 +174,7 @@ class Consumer:
         """One connected stretch: (re)create the groups, replay pending entries, read new ones."""
         with translated():
             await create_groups(client, [shard.stream for shard in self._shards], self._group)
+        await self._confirm()
         self._mark_up()
         backoff.reset()
         # A write that failed may or may not have landed: the checkpoints are the truth (they are
@@ -213,6 +228,23 @@ class Consumer:
                 if not ahead.cancelled():
                     ahead.exception()  # retrieved: an outage is reported once, by the session
 
+    async def _confirm(self) -> None:
+        """Wait for the replicas to confirm the batches they had not; each counts once they do.
+        One whose connection broke is forgotten, uncounted: whether the replicas have it is
+        unknown (the checkpoints, reloaded next, say what the master has)."""
+        while self._unconfirmed:
+            unconfirmed, outputs = self._unconfirmed[0]
+            try:
+                await unconfirmed.confirm()
+            except ReplicasBehind as exc:
+                raise DependencyUnavailable(f"redis: {exc}") from exc
+            except (RedisError, OSError) as exc:
+                log.warning("a batch's confirmation by the replicas is lost with its connection",
+                            extra={"error": str(exc), "shards": len(unconfirmed.shards)})  # fmt: skip
+            else:
+                self._report.written(outputs, unconfirmed.acked, self.owned)
+            del self._unconfirmed[0]
+
     def _readable(self) -> list[str]:
         """Owned streams whose new entries may be read: not waiting for a reload or a replay."""
         return [s for s in self.owned if s not in self._stale and s not in self._recovering]
@@ -227,7 +259,9 @@ class Consumer:
         self, client: Redis, streams: list[str], block_ms: int | None
     ) -> dict[str, list[Entry]]:
         if self._cluster:
-            reply = await self._read_slots(streams, block_ms)
+            reply = await read_slots(
+                self._redis(), self._group, self.name, streams, self._batch_size, block_ms
+            )
             self._flowing = bool(reply)
         else:
             reply = await read_new(
@@ -239,27 +273,6 @@ class Consumer:
             else:
                 self._caught_up.discard(stream)
         return reply
-
-    async def _read_slots(self, streams: list[str], block_ms: int | None) -> dict[str, list[Entry]]:
-        """New entries of `streams` on a cluster: one read per slot, on its master, all at once.
-        Every read is awaited to its end, whatever the others do (see `_CLUSTER_BLOCK_MS`)."""
-        placement = self._redis()
-        groups = placement.by_slot(streams, str)
-        masters = [await placement.master(group[0]) for group in groups]
-        replies: list[Any] = await asyncio.gather(
-            *(
-                read_new(master, self._group, self.name, group, self._batch_size, block_ms)
-                for master, group in zip(masters, groups, strict=True)
-            ),
-            return_exceptions=True,
-        )
-        merged: dict[str, list[Entry]] = {}
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                # The entries of the others are pending for us: the next session replays them.
-                raise reply
-            merged.update(reply)
-        return merged
 
     def _redis(self) -> Placement:
         if self._placement is None:
@@ -467,6 +480,8 @@ class Consumer:
             self._committed(part, [s for s in states if s.shard in done.landed], done)
         for state in (*later, *states):
             state.rollback_all()
+        for unconfirmed in done.unconfirmed:
+            self._unconfirmed.append((unconfirmed, outputs.only(unconfirmed.shards)))
         if not isinstance(done.error, LeaseLost):
             # Its outcome is unknown: the next session reloads every checkpoint.
             with translated():
@@ -524,6 +539,7 @@ class Consumer:
 
     def _mark_down(self, exc: DependencyUnavailable, delay: float) -> None:
         self.connected = False
+        self._error = str(exc)
         self._metrics.connected.labels(target=TARGET).set(0)
         if self._down_since is None:
             self._down_since = time.monotonic()

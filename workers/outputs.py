@@ -47,7 +47,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from bridge.redis_nodes import slot_of
-from bridge.sink import check_wait, wait_command
+from bridge.sink import ReplicasBehind, check_wait, wait_command
 from config.errors import DependencyUnavailable, IotBridgeError
 from config.keys import Keys
 from config.settings import DurabilitySettings
@@ -181,6 +181,40 @@ class Written:
     landed: set[Shard] = field(default_factory=set)
     acked: dict[Shard, int] = field(default_factory=dict)
     error: BaseException | None = None
+    # Transactions that landed and that the replicas did not confirm in time (error: ReplicasBehind).
+    unconfirmed: list[Unconfirmed] = field(default_factory=list)
+
+
+@dataclass
+class Unconfirmed:
+    """Transactions that landed on a Redis whose replicas did not confirm them in time, with the
+    connection that wrote them, kept open: WAIT only waits for the writes of its own connection."""
+
+    client: Redis
+    conn: Any
+    durability: DurabilitySettings
+    shards: set[Shard] = field(default_factory=set)
+    acked: dict[Shard, int] = field(default_factory=dict)
+
+    async def confirm(self) -> None:
+        """WAIT again: returns once the replicas confirm the transactions; `ReplicasBehind` while
+        they do not (the connection is kept for another try); any other error means the
+        connection broke (closed: whether the replicas have them is unknown)."""
+        try:
+            await self.conn.send_packed_command(wait_command(self.durability), check_health=False)
+            reply = await self.conn.read_response()
+        except BaseException:
+            await self.close()
+            raise
+        check_wait(reply, self.durability)
+        conn, self.conn = self.conn, None
+        await self.client.connection_pool.release(conn)
+
+    async def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            await conn.disconnect()
+            await self.client.connection_pool.release(conn)
 
 
 @dataclass
@@ -218,7 +252,10 @@ class Sent:
             if isinstance(result, BaseException):
                 errors.append(result)  # every transaction of the part: outcome unknown
                 continue
-            for transaction, outcome in zip(part.transactions, result, strict=True):
+            outcomes, unconfirmed = result
+            if unconfirmed is not None:
+                written.unconfirmed.append(unconfirmed)
+            for transaction, outcome in zip(part.transactions, outcomes, strict=True):
                 if isinstance(outcome, BaseException):
                     errors.append(outcome)
                 else:
@@ -227,7 +264,10 @@ class Sent:
         written.error = _first(errors)
         return written
 
-    async def _settle_part(self, part: _Part) -> list[dict[Shard, int] | BaseException]:
+    async def _settle_part(
+        self, part: _Part
+    ) -> tuple[list[dict[Shard, int] | BaseException], Unconfirmed | None]:
+        """The outcome of each transaction of the part, and those that landed unconfirmed."""
         conn, part.conn = part.conn, None
         pool = part.client.connection_pool
         try:
@@ -236,24 +276,37 @@ class Sent:
         except BaseException:
             # Replies may be left unread on it: never reuse it.
             await conn.disconnect()
-            raise
-        finally:
             await pool.release(conn)
+            raise
         outcomes: list[dict[Shard, int] | BaseException] = []
-        for transaction, replied in zip(part.transactions, replies, strict=True):
-            try:
-                outcomes.append(await self._outcome(part.client, transaction, replied))
-            except (IotBridgeError, ResponseError) as exc:
-                outcomes.append(exc)
-        if self._waits:
-            try:
-                if isinstance(confirmed, BaseException):
-                    raise confirmed
+        try:
+            for transaction, replied in zip(part.transactions, replies, strict=True):
+                try:
+                    outcomes.append(await self._outcome(part.client, transaction, replied))
+                except (IotBridgeError, ResponseError) as exc:
+                    outcomes.append(exc)
+            if self._waits:
                 # The replicas confirm every write of this connection so far, or none counts.
-                check_wait(confirmed, self._durability)
-            except RedisError as exc:  # ReplicasBehind, or WAIT refused
-                outcomes = [exc if isinstance(o, dict) else o for o in outcomes]
-        return outcomes
+                check_wait(_raised(confirmed), self._durability)
+        except ReplicasBehind as behind:
+            landed = [(t, o) for t, o in zip(part.transactions, outcomes, strict=True)
+                      if isinstance(o, dict)]  # fmt: skip
+            outcomes = [behind if isinstance(o, dict) else o for o in outcomes]
+            if landed:
+                # Kept, with its connection: a WAIT on it again tells when they are confirmed.
+                unconfirmed = Unconfirmed(part.client, conn, self._durability)
+                for transaction, acked in landed:
+                    unconfirmed.shards.update(transaction.shards)
+                    unconfirmed.acked.update(acked)
+                return outcomes, unconfirmed
+        except RedisError as exc:  # WAIT refused
+            outcomes = [exc if isinstance(o, dict) else o for o in outcomes]
+        except BaseException:
+            await conn.disconnect()
+            await pool.release(conn)
+            raise
+        await pool.release(conn)
+        return outcomes, None
 
     async def _outcome(
         self, client: Redis, transaction: Transaction, replies: list[Any]
@@ -293,6 +346,13 @@ class Sent:
             if conn is not None:
                 await conn.disconnect()
                 await part.client.connection_pool.release(conn)
+
+
+def _raised(reply: object) -> object:
+    """`reply`, unless it is an error reply: raised."""
+    if isinstance(reply, BaseException):
+        raise reply
+    return reply
 
 
 async def _caught(settling: Awaitable[T]) -> T | Exception:

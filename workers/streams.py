@@ -6,6 +6,7 @@ Cluster's among them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bridge.sink import ReplicasBehind
 from config.errors import DependencyUnavailable
+from workers.placement import Placement
 from workers.sample import Fields
 
 # XREADGROUP id: entries never delivered to the group.
@@ -112,6 +114,32 @@ async def read_new(
         args += ["BLOCK", str(block_ms)]
     args += ["STREAMS", *streams, *([NEW] * len(streams))]
     return grouped(await _raw(client, args))
+
+
+async def read_slots(
+    placement: Placement, group: str, consumer: str, streams: Sequence[str], count: int,
+    block_ms: int | None,
+) -> dict[str, list[Entry]]:  # fmt: skip
+    """`read_new` on a cluster: one read per slot (every route's stream of one shard), on its
+    master, all at once. Every read is awaited to its end whatever the others do: the entries of
+    a cancelled one would be pending for this consumer, unseen until claimed as idle, after
+    newer entries of their assets."""
+    groups = placement.by_slot(streams, str)
+    masters = [await placement.master(group[0]) for group in groups]
+    replies: list[Any] = await asyncio.gather(
+        *(
+            read_new(master, group, consumer, part, count, block_ms)
+            for master, part in zip(masters, groups, strict=True)
+        ),
+        return_exceptions=True,
+    )
+    merged: dict[str, list[Entry]] = {}
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            # The others' entries are pending for this consumer: its next session replays them.
+            raise reply
+        merged.update(reply)
+    return merged
 
 
 async def _raw(client: Redis, args: list[str]) -> Any:
