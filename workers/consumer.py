@@ -139,9 +139,8 @@ class Consumer:
 
     def readiness(self) -> tuple[bool, str]:
         if not self.connected:
-            return False, f"redis unavailable: {self._error}" if self._error else (
-                "redis unavailable"
-            )
+            reason = "redis unavailable"
+            return False, f"{reason}: {self._error}" if self._error else reason
         return True, "ready"
 
     async def run(self, placement: Placement, stop: asyncio.Event) -> None:

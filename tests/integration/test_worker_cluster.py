@@ -1,6 +1,7 @@
 """Workers on a real Redis Cluster (3 masters, 3 replicas): the shards split between two workers,
 every entry acked once and the same flags as on one Redis, no CROSSSLOT on any node; a worker
-going on through a failover of a master that holds some of its shards."""
+going on through a failover of a master that holds some of its shards, and after such a master is
+killed (SIGKILL) and its replica promoted."""
 
 from __future__ import annotations
 
@@ -157,3 +158,36 @@ async def test_a_worker_goes_on_through_a_failover_of_a_master_holding_its_shard
     assert len(written) == len(set(written)), "no duplicate flag"
     assert sorted(written) == sorted(expected_flags(settings, by_stream))
     assert crossslot_errors(cluster) == 0
+
+
+async def test_a_worker_goes_on_after_the_master_of_its_shards_is_killed(
+    make_settings: Callable[..., Settings], cluster: LocalCluster, nodes: Redis, unique: str
+) -> None:
+    settings = on_cluster(make_settings, cluster, unique, "w0")
+    keys = Keys.of(settings.redis)
+    rows = recorded_input(assets=24, samples=50)
+    before = [row for row in rows if row["seq"] < 34]
+    after = [row for row in rows if row["seq"] >= 34]
+    registry = CollectorRegistry()
+    app = WorkerApp(settings, registry)
+    async with running(app, settings):
+        await write(nodes, keys, unique, before)
+        await eventually(groups_done(nodes, keys, len(before)), "before the kill", 20)
+        # Everything replicated, so the promoted replica has what the worker wrote.
+        await asyncio.to_thread(cluster.wait_healthy)
+        old = cluster.master_of_key(keys.telemetry(ROUTE, 0))
+        await asyncio.to_thread(cluster.kill, old)
+        await eventually(lambda: not app.readiness()[0], "the worker to see the master gone")
+        new = await asyncio.to_thread(cluster.wait_promoted, old)
+        assert cluster.master_of_key(keys.telemetry(ROUTE, 0)) == new
+        await write(nodes, keys, unique, after)
+        await eventually(groups_done(nodes, keys, len(rows)), "after the promotion", 30)
+        assert sample([registry], "iotbridge_worker_entries_acked_total") == len(rows)
+        assert app.readiness() == (True, "ready")
+
+    written = await all_flags(nodes, keys, "source_id", "asset", "detector", "value_name",
+                              "event")  # fmt: skip
+    streams = keys.telemetry_streams(ROUTE)
+    by_stream: dict[str, list[Entry]] = {s: list(await entries(nodes, s)) for s in streams}
+    assert len(written) == len(set(written)), "no duplicate flag"
+    assert sorted(written) == sorted(expected_flags(settings, by_stream))
