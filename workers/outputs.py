@@ -278,35 +278,35 @@ class Sent:
             await conn.disconnect()
             await pool.release(conn)
             raise
+        # Every reply was read: the connection is in step, whatever the outcome.
         outcomes: list[dict[Shard, int] | BaseException] = []
+        unconfirmed = None
         try:
             for transaction, replied in zip(part.transactions, replies, strict=True):
                 try:
                     outcomes.append(await self._outcome(part.client, transaction, replied))
-                except (IotBridgeError, ResponseError) as exc:
+                except (IotBridgeError, RedisError, OSError) as exc:
                     outcomes.append(exc)
             if self._waits:
-                # The replicas confirm every write of this connection so far, or none counts.
-                check_wait(_raised(confirmed), self._durability)
-        except ReplicasBehind as behind:
-            landed = [(t, o) for t, o in zip(part.transactions, outcomes, strict=True)
-                      if isinstance(o, dict)]  # fmt: skip
-            outcomes = [behind if isinstance(o, dict) else o for o in outcomes]
-            if landed:
-                # Kept, with its connection: a WAIT on it again tells when they are confirmed.
-                unconfirmed = Unconfirmed(part.client, conn, self._durability)
-                for transaction, acked in landed:
-                    unconfirmed.shards.update(transaction.shards)
-                    unconfirmed.acked.update(acked)
-                return outcomes, unconfirmed
-        except RedisError as exc:  # WAIT refused
-            outcomes = [exc if isinstance(o, dict) else o for o in outcomes]
+                try:
+                    # The replicas confirm every write of this connection so far, or none counts.
+                    check_wait(_raised(confirmed), self._durability)
+                except RedisError as exc:  # ReplicasBehind, or WAIT refused
+                    landed = [(t, o) for t, o in zip(part.transactions, outcomes, strict=True)
+                              if isinstance(o, dict)]  # fmt: skip
+                    if landed and isinstance(exc, ReplicasBehind):
+                        # Kept with its connection: WAIT again on it says when they are confirmed.
+                        unconfirmed = Unconfirmed(part.client, conn, self._durability)
+                        for transaction, acked in landed:
+                            unconfirmed.shards.update(transaction.shards)
+                            unconfirmed.acked.update(acked)
+                    outcomes = [exc if isinstance(o, dict) else o for o in outcomes]
         except BaseException:
-            await conn.disconnect()
             await pool.release(conn)
             raise
-        await pool.release(conn)
-        return outcomes, None
+        if unconfirmed is None:
+            await pool.release(conn)
+        return outcomes, unconfirmed
 
     async def _outcome(
         self, client: Redis, transaction: Transaction, replies: list[Any]
