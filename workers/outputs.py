@@ -37,6 +37,7 @@ the MULTI/EXEC, the cost of passing a thousand arguments into Lua.)
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import Awaitable, Collection
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ from workers.placement import Placement
 from workers.state import Shard
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 EMIT_ONCE = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
   return redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
@@ -160,11 +162,17 @@ def _transaction(
     acks = {shard: ids for shard, ids in outputs.acks.items() if ids}
     leases = [shard.lease for shard in shards]
     fence = keys.worker_fence(group, owner, shards[0].index)
+    # While its slot moves, a command naming a key that has left the node (or was never there,
+    # as the fence key) is refused (ASK, TRYAGAIN), WATCH and the fence script among them; EXEC
+    # checks the keys of every command queued and would still run the writes, unfenced. The
+    # watched keys are named in the queue too (EXISTS), so EXEC is refused whenever WATCH was.
+    guard = [("EXISTS", fence, *leases)] if keys.cluster else []
     commands = [
         ("WATCH", fence, *leases),
         ("EVAL", _FENCE, str(1 + len(leases)), fence, *leases, owner),
         ("MULTI",),
         *_commands(keys, group, outputs, acks, dedup_ttl_ms),
+        *guard,
         ("EXEC",),
     ]
     first_ack = len(outputs.events) + len(outputs.dead_letters)
@@ -316,10 +324,14 @@ class Sent:
         lost_at = queued[1]
         if isinstance(lost_at, list) and lost_at:
             raise LeaseLost([transaction.shards[int(i) - 1].stream for i in lost_at])
-        failed = next((r for r in queued if isinstance(r, BaseException)), None)
-        if failed is not None:
+        refused = next((r for r in queued if isinstance(r, BaseException)), None)
+        if refused is not None and not isinstance(results, list):
             # Refused before EXEC (a MOVED, a CLUSTERDOWN): EXEC discarded the whole transaction.
-            raise failed
+            raise refused
+        if refused is not None:
+            # EXEC ran all the same: what it wrote is written, and counted.
+            log.warning("a transaction ran though a command before it was refused",
+                        extra={"error": str(refused), "shards": len(transaction.shards)})  # fmt: skip
         if results is None:
             # A lease changed after the check.
             shards = transaction.shards

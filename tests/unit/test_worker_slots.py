@@ -23,7 +23,7 @@ ROUTES = ["telemetry", "power"]
 def keys_of(command: Sequence[str]) -> list[str]:
     """The keys a command of the worker's transactions names (as COMMAND GETKEYS would say)."""
     name = command[0]
-    if name == "WATCH":
+    if name in ("WATCH", "EXISTS"):
         return list(command[1:])
     if name == "EVAL":
         return list(command[3 : 3 + int(command[2])])
@@ -63,6 +63,10 @@ def test_on_a_cluster_each_transaction_is_one_slot_and_each_shard_index_one_tran
         slots = {slot_of(key) for command in transaction.commands for key in keys_of(command)}
         assert len(slots) == 1, transaction.commands
         assert {s.index for s in transaction.shards} == {transaction.shards[0].index}
+        # The watched keys are queued too, so EXEC is refused whenever WATCH was (a moving slot).
+        watch, *_, exists, exec_ = transaction.commands
+        assert (exists[0], exec_[0]) == ("EXISTS", "EXEC")
+        assert exists[1:] == watch[1:]
         written += [c for c in transaction.commands if c[0] in ("EVAL", "XADD", "XACK", "HSET")]
     # Every output of the batch is in one of them, the fence of each transaction besides.
     assert len(written) == len(found) + 4 * len(all_shards)
