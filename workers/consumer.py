@@ -212,20 +212,39 @@ class Consumer:
                     await self._handle(client, batch, overlap=True)
             with translated():
                 await self._settle(client)
+        except DependencyUnavailable:
+            await self._settle_after_failure(client)
+            raise
         finally:
-            if self._in_flight is not None:
-                # Its outcome is unknown: the next session reloads the checkpoints, the truth.
-                sent, _, states, _ = self._in_flight
-                self._in_flight = None
-                for state in states:
-                    state.rollback_all()
-                await sent.abandon()
-            if ahead is not None:
-                # Its entries, if it got any, are pending for us: the next session replays them.
-                ahead.cancel()
-                await asyncio.wait({ahead})  # raises only if this task itself is cancelled
-                if not ahead.cancelled():
-                    ahead.exception()  # retrieved: an outage is reported once, by the session
+            await self._end_session(ahead)
+
+    async def _end_session(self, ahead: asyncio.Task[dict[str, list[Entry]]] | None) -> None:
+        """What a session leaves: a write in flight, a read ahead."""
+        if self._in_flight is not None:
+            # Its outcome is unknown: the next session reloads the checkpoints, the truth.
+            sent, _, states, _ = self._in_flight
+            self._in_flight = None
+            for state in states:
+                state.rollback_all()
+            await sent.abandon()
+        if ahead is not None:
+            # Its entries, if it got any, are pending for us: the next session replays them.
+            ahead.cancel()
+            await asyncio.wait({ahead})  # raises only if this task itself is cancelled
+            if not ahead.cancelled():
+                ahead.exception()  # retrieved: an outage is reported once, by the session
+
+    async def _settle_after_failure(self, client: Redis) -> None:
+        """Something else failed (a read, a claim: on a cluster, a MOVED of another slot): the
+        write in flight is on connections of its own, so its outcome is read rather than
+        abandoned, and a batch that landed counts. If it cannot be read, it stays unknown."""
+        if self._in_flight is None:
+            return
+        try:
+            with translated():
+                await self._settle(client)
+        except DependencyUnavailable as exc:
+            log.debug("the write in flight is left unknown", extra={"error": str(exc)})
 
     async def _confirm(self) -> None:
         """Wait for the replicas to confirm the batches they had not; each counts once they do.
