@@ -191,3 +191,38 @@ async def test_a_worker_goes_on_after_the_master_of_its_shards_is_killed(
     by_stream: dict[str, list[Entry]] = {s: list(await entries(nodes, s)) for s in streams}
     assert len(written) == len(set(written)), "no duplicate flag"
     assert sorted(written) == sorted(expected_flags(settings, by_stream))
+
+
+async def test_a_worker_goes_on_while_the_slot_of_its_shard_moves_to_another_master(
+    make_settings: Callable[..., Settings], cluster: LocalCluster, nodes: Redis, unique: str
+) -> None:
+    settings = on_cluster(make_settings, cluster, unique, "w0")
+    keys = Keys.of(settings.redis)
+    rows = recorded_input(assets=24, samples=75)
+    before = [row for row in rows if row["seq"] < 34]
+    after = [row for row in rows if row["seq"] >= 34]
+    registry = CollectorRegistry()
+    app = WorkerApp(settings, registry)
+    stream = keys.telemetry(ROUTE, 0)
+    target = next(port for port in cluster.masters() if port != cluster.master_of_key(stream))
+    async with running(app, settings):
+        await write(nodes, keys, unique, before)
+        await eventually(groups_done(nodes, keys, len(before)), "before the move", 20)
+        moving = asyncio.create_task(asyncio.to_thread(cluster.reshard, stream, target))
+        # Written while the slot's keys go over (MIGRATING, IMPORTING: ASK, TRYAGAIN).
+        for start in range(0, len(after), 50):
+            await write(nodes, keys, unique, after[start : start + 50])
+        await moving
+        assert cluster.master_of_key(stream) == target
+        await eventually(groups_done(nodes, keys, len(rows)), "after the move", 30)
+        assert sample([registry], "iotbridge_worker_entries_acked_total") == len(rows)
+
+    written = await all_flags(nodes, keys, "source_id", "asset", "detector", "value_name",
+                              "event")  # fmt: skip
+    streams = keys.telemetry_streams(ROUTE)
+    by_stream: dict[str, list[Entry]] = {s: list(await entries(nodes, s)) for s in streams}
+    assert len(written) == len(set(written)), "no duplicate flag"
+    assert sorted(written) == sorted(expected_flags(settings, by_stream))
+    # A slot on the move is waited out, never taken for a poison entry.
+    assert [await nodes.xlen(s) for s in keys.worker_dead_letter_streams()] == [0] * SHARDS
+    assert crossslot_errors(cluster) == 0
