@@ -1,5 +1,5 @@
 """The consumer: owns shards, reads their streams in the consumer group, runs the detectors and
-writes the outputs (`workers.outputs`).
+writes the outputs (`workers.outputs`, `workers.writes`).
 
 One consumer group per telemetry stream, all named `worker.group`, and each worker one consumer in
 it; the lease (`workers.leases`), not the group, decides who reads a stream: only its owner does,
@@ -49,7 +49,7 @@ from observability.lifecycle import Backoff, stopped_within
 from observability.metrics import WorkerMetrics
 from workers.anomaly import AnomalyEvent
 from workers.leases import Leases
-from workers.outputs import LeaseLost, Outputs, Sent, Unconfirmed, Written, send
+from workers.outputs import LeaseLost, Outputs
 from workers.placement import Placement
 from workers.processing import Delivery, Result, process, sweep
 from workers.reporting import Reporter
@@ -64,6 +64,7 @@ from workers.streams import (
     read_slots,
     translated,
 )
+from workers.writes import Sent, Unconfirmed, Written, send
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,12 @@ from tests.integration.test_worker import (
 from workers.anomaly import AnomalyEvent, Event
 from workers.app import WorkerApp
 from workers.detectors import build_checks
-from workers.outputs import LeaseLost, Outputs, commit
+from workers.outputs import LeaseLost, Outputs
 from workers.placement import Placement
 from workers.processing import Delivery, process
 from workers.state import Engine, Shard, ShardState, shards_of
 from workers.streams import Entry
+from workers.writes import commit
 
 pytestmark = pytest.mark.integration
 
