@@ -39,6 +39,7 @@ from workers.state import Shard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_NO_DURABILITY = DurabilitySettings()
 
 
 @dataclass
@@ -99,11 +100,14 @@ class _Part:
 class Sent:
     """A batch's transactions on their way: sent, their replies not read yet (`settle`)."""
 
-    def __init__(self, parts: list[_Part], owner: str, durability: DurabilitySettings) -> None:
+    def __init__(
+        self, parts: list[_Part], owner: str, durability: DurabilitySettings, *, waits: bool
+    ) -> None:
+        """`waits`: a WAIT follows the transactions of each part."""
         self._parts = parts
         self._owner = owner
         self._durability = durability
-        self._waits = bool(wait_command(durability))
+        self._waits = waits
         self._settled = False
 
     async def settle(self) -> Written:
@@ -282,13 +286,16 @@ async def send(
 ) -> Sent:  # fmt: skip
     """`commit` without waiting for the replies: the transactions are on their way when this
     returns and `Sent.settle` reads their outcome, so the next batch can be processed meanwhile."""
-    durability = durability or DurabilitySettings()
+    durability = durability or _NO_DURABILITY
+    wait = wait_command(durability)
     parts: dict[int, _Part] = {}
     for transaction in transactions(keys, group, owner, outputs, dedup_ttl_ms):
         client = await placement.master(transaction.shards[0].stream)
-        parts.setdefault(id(client), _Part(client)).transactions.append(transaction)
-    sent = Sent(list(parts.values()), owner, durability)
-    wait = wait_command(durability)
+        part = parts.get(id(client))
+        if part is None:
+            part = parts[id(client)] = _Part(client)
+        part.transactions.append(transaction)
+    sent = Sent(list(parts.values()), owner, durability, waits=bool(wait))
     try:
         for part in sent._parts:
             pool = part.client.connection_pool
