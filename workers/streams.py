@@ -76,10 +76,14 @@ def translated() -> Iterator[None]:
     except _UNAVAILABLE as exc:
         raise DependencyUnavailable(f"redis: {exc}") from exc
     except ResponseError as exc:
-        if error_code(exc) != "NOGROUP":
+        if error_code(exc) not in _GONE:
             raise
-        # Someone deleted the group (or the stream); the next session creates it again.
+        # Someone deleted the group or the stream, or (UNBLOCKED, a blocked read) the stream moved
+        # to another master with its slot: the next session finds it or creates it again.
         raise DependencyUnavailable(f"redis: {exc}") from exc
+
+
+_GONE = {"NOGROUP", "UNBLOCKED"}
 
 
 async def create_groups(client: Redis, streams: Sequence[str], group: str) -> None:
