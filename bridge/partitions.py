@@ -117,7 +117,7 @@ class PartitionedSource:
         self._ttl_s = bridge.partition_lease_ttl_s
         self._leases = Leases(
             self._keys.bridge_members(mqtt.client_id), self.owner, self.partitions,
-            int(self._ttl_s * 1000),
+            int(self._ttl_s * 1000), by_slot=settings.redis.cluster,
         )  # fmt: skip
         self._redis = connect(
             settings.redis, decode_responses=True, client_name="iotbridge-bridge-leases"

@@ -67,13 +67,14 @@ class Publishers:
     assets (`a<k>`, seqs from `start_seq` on) as fast as the broker takes them."""
 
     def __init__(
-        self, broker: Service, tag: str, count: int, workdir: Path, start_seq: int = 0
-    ) -> None:
-        self.start_seq = start_seq
+        self, broker: Service, tag: str, count: int, workdir: Path, start_seq: int = 0,
+        assets: int = ASSETS, sites: int = 1,
+    ) -> None:  # fmt: skip
+        self.start_seq, self.assets = start_seq, assets
         argv = [sys.executable, str(ROOT / "bench" / "publisher.py"), "--mqtt-url",
                 f"mqtt://127.0.0.1:{broker.port}", "--client-id", f"{tag}-pub",
-                "--assets", str(ASSETS), "--count", str(count), "--start-seq", str(start_seq),
-                "--ack-timeout", "120"]  # fmt: skip
+                "--assets", str(assets), "--count", str(count), "--start-seq", str(start_seq),
+                "--ack-timeout", "120", "--sites", str(sites)]  # fmt: skip
         with (workdir / f"{tag}-publisher.err").open("wb") as err:
             self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, cwd=ROOT)
 
@@ -81,7 +82,8 @@ class Publishers:
         """What the broker acknowledged, once the publisher is done."""
         out, _ = self.proc.communicate(timeout=timeout_s)
         published = json.loads(out)["published"]
-        return {(f"a{i % ASSETS}", self.start_seq + i // ASSETS) for i in range(published)}
+        n = self.assets
+        return {(f"a{i % n}", self.start_seq + i // n) for i in range(published)}
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -320,3 +322,28 @@ async def _longest_stall(app: BridgeApp, stalls: list[float]) -> None:
 
 def _cached_scripts(cluster: LocalCluster, port: int) -> int:
     return int(cluster.client(port).info("memory")["number_of_cached_scripts"])
+
+
+async def test_two_bridges_share_session_partitions_through_leases_on_the_cluster(
+    make_settings: Callable[..., Settings], redis_cluster: LocalCluster, broker: Service,
+    unique: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    """Partition leases are keys of their own slots: each lease script runs per slot."""
+    base = _settings(make_settings, redis_cluster, broker, unique)
+    partitions = [{"name": f"s{n}", "filters": [f"plant/s{n}/#"]} for n in range(1, 5)]
+    bridge = {**base.bridge.model_dump(), "partitions": partitions,
+              "partition_coverage": "declared", "partition_lease_ttl_s": 3.0}  # fmt: skip
+    settings = [base.model_copy(update={"bridge": base.bridge.model_validate(bridge)})] * 2
+    keys = Keys.of(base.redis)
+    owned = "iotbridge_bridge_partitions_owned"
+    async with running_bridge(settings[0]) as one, running_bridge(settings[1]) as two:
+        await wait_for(lambda: sample(one, owned) == sample(two, owned) == 2, 30,
+                       "two partitions each")  # fmt: skip
+        publishers = Publishers(broker, unique, 8_000, tmp_path, sites=4)
+        sent = await asyncio.to_thread(publishers.sent)
+        await wait_for(lambda: _acked(one) + _acked(two) >= len(sent), 60, "every message")
+        assert _acked(one) > 0
+        assert _acked(two) > 0
+    stored = _stored(redis_cluster, keys)
+    assert set(stored) == sent
+    assert max(stored.values()) == 1
