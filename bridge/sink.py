@@ -234,7 +234,7 @@ def check_wait(reply: object, durability: DurabilitySettings) -> None:
         raise ReplicasBehind(f"{reply} of {wanted} replicas confirmed the write within {ms} ms")
 
 
-async def _replies(conn: Connection, count: int) -> list[object]:
+async def read_replies(conn: Connection, count: int) -> list[object]:
     """`count` replies read in turn; an error reply is returned, not raised, so every reply of a
     request is read and the connection stays in step."""
     out: list[object] = []
@@ -382,7 +382,7 @@ class RedisSink:
             # from the pool, reconnected): this reply is lost with it.
             lost = generation != self._generation or self._conn is None
             # An error reply (NOSCRIPT, OOM, MOVED) is read whole: the connection stays in step.
-            replies = None if lost else await _replies(conn, count)
+            replies = None if lost else await read_replies(conn, count)
         except BaseException:
             await self._drop(conn)
             raise

@@ -27,9 +27,9 @@ from typing import Any, TypeVar, cast
 
 from hiredis import pack_command
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from bridge.sink import ReplicasBehind, check_wait, wait_command
+from bridge.sink import ReplicasBehind, check_wait, read_replies, wait_command
 from config.errors import DependencyUnavailable, IotBridgeError
 from config.keys import Keys
 from config.settings import DurabilitySettings
@@ -145,8 +145,8 @@ class Sent:
         conn, part.conn = part.conn, None
         pool = part.client.connection_pool
         try:
-            replies = [await _replies(conn, t.replies) for t in part.transactions]
-            confirmed = (await _replies(conn, 1))[0] if self._waits else None
+            replies = [await read_replies(conn, t.replies) for t in part.transactions]
+            confirmed = (await read_replies(conn, 1))[0] if self._waits else None
         except BaseException:
             # Replies may be left unread on it: never reuse it.
             await conn.disconnect()
@@ -249,18 +249,6 @@ def _first(errors: list[BaseException]) -> BaseException | None:
         return unknown[0]
     lost = [stream for e in errors if isinstance(e, LeaseLost) for stream in e.streams]
     return LeaseLost(lost) if lost else None
-
-
-async def _replies(conn: Any, count: int) -> list[Any]:
-    """`count` replies read in turn; an error reply is returned, not raised, so every reply of the
-    request is read and the connection stays in step."""
-    out: list[Any] = []
-    for _ in range(count):
-        try:
-            out.append(await conn.read_response())
-        except ResponseError as exc:
-            out.append(exc)
-    return out
 
 
 async def commit(

@@ -35,7 +35,7 @@ from tests.integration.test_cluster_bridge import (
     healed,
 )
 from tests.integration.test_worker import GROUP, running
-from tests.integration.test_worker_shards import expected_flags
+from tests.integration.test_worker_shards import expected_flags, groups_done
 from tests.recorded_publisher import rows
 from tests.services import Service
 from workers.app import WorkerApp
@@ -98,17 +98,6 @@ async def _pipeline(settings: Settings) -> AsyncIterator[Any]:
         yield bridge
 
 
-async def _groups_done(client: Redis, keys: Keys, total: int) -> bool:
-    """The group has read every entry of every shard and acknowledged them all."""
-    read = pending = 0
-    for stream in keys.telemetry_streams(ROUTE):
-        for group in await client.xinfo_groups(stream) if await client.exists(stream) else []:
-            if group["name"] == GROUP:
-                read += group["entries-read"] or 0
-                pending += group["pending"]
-    return read == total and pending == 0
-
-
 async def _flags(client: Redis, keys: Keys) -> list[Flag]:
     """Every flag, across the anomaly streams (one per shard on a cluster)."""
     out: list[Flag] = []
@@ -134,7 +123,7 @@ async def _run(settings: Settings, broker: Service, tmp_path: Path, count: int) 
         async with _pipeline(settings) as bridge:
             publishers = Recorded(broker, keys.prefix, count // SAMPLES, tmp_path)
             sent = await _drained(bridge, publishers)
-            await wait_for(lambda: _groups_done(client, keys, len(sent)), 60, "every entry acked")
+            await wait_for(groups_done(client, keys, len(sent)), 60, "every entry acked")
     finally:
         await client.aclose()
     return sent
@@ -185,7 +174,7 @@ async def test_a_master_killed_under_the_pipeline_loses_nothing_and_flags_as_uni
                 sent = await _drained(bridge, publishers)
             finally:
                 publishers.kill()
-            await wait_for(lambda: _groups_done(client, keys, len(sent)), 90, "every entry acked")
+            await wait_for(groups_done(client, keys, len(sent)), 90, "every entry acked")
         flags, expected = await _flags(client, keys), await _uninterrupted(client, settings)
     finally:
         await client.aclose()
@@ -226,7 +215,7 @@ async def test_slots_moved_under_the_pipeline_keep_groups_pending_entries_and_fl
                 sent = await _drained(bridge, publishers)
             finally:
                 publishers.kill()
-            await wait_for(lambda: _groups_done(client, keys, len(sent)), 60, "every entry acked")
+            await wait_for(groups_done(client, keys, len(sent)), 60, "every entry acked")
         flags, expected = await _flags(client, keys), await _uninterrupted(client, settings)
     finally:
         await client.aclose()
