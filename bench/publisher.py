@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 # Unacknowledged QoS 1 messages: the broker's receive maximum (mosquitto max_inflight_messages).
 WINDOW = 1000
-# Paced mode wakes this often; a wake publishes everything that has become due.
+# Paced mode wakes this often (not on each PUBACK); a wake publishes everything that has become
+# due in one write.
 TICK_S = 0.001
 PUBACK = 0x40
 _U16 = struct.Struct("!H")
@@ -190,6 +191,7 @@ def drive(
     started = time.monotonic()
     max_lag_s = 0.0
     i = 0
+    tick = started
     while i < total:
         now = time.monotonic()
         due = total if rate is None else min(total, int((now - started) * rate) + 1)
@@ -200,7 +202,19 @@ def drive(
         if upto > i:
             client.send([(mine[j % len(mine)], start_seq + j // len(mine)) for j in range(i, upto)])
             i = upto
-        client.poll(TICK_S if rate is not None else 0.05 if upto < due else 0)
+        if rate is None:
+            client.poll(0.05 if upto < due else 0)
+            continue
+        # Paced: wake on the tick, not on each PUBACK. Woken by the acks of its last write, the
+        # loop sent the two or three messages due since, one small write after another (a
+        # write, a select and a read per few messages, in the broker too): the publishers
+        # used up to 8 CPU us/msg and held the live phase near 25,000 msg/s on a busy machine.
+        if upto < due:
+            client.poll(TICK_S)  # the window is full: wait for acks, not for the tick
+            continue
+        tick = max(tick + TICK_S, now)
+        time.sleep(max(0.0, tick - time.monotonic()))
+        client.poll(0)
     publish_s = time.monotonic() - started
     deadline = time.monotonic() + ack_s
     while client.acked < client.sent and time.monotonic() < deadline:
