@@ -23,6 +23,10 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 MOSQUITTO_CONF = "max_queued_messages 2000000\nmax_queued_bytes 0\nmax_inflight_messages 1000\n"
 TARGET_RATIO = 8.0  # one bridge's drain rate over the naive baseline's
 TARGET_P99_MS = 25.0  # one bridge's publish-to-XADD p99 at half its drain rate
+TARGET_P99_ROUNDS = 0.9  # ... in at least this share of the rounds (9 of 10 bench runs)
+# A live phase whose publishers achieved less than this share of the rate they were asked for
+# did not measure the latency at that rate: its round does not count as met.
+LIVE_RATE_KEPT = 0.97
 TARGET_BRIDGE_LIMIT = 0.7  # one bridge's drain rate over the C subscriber's, same queue and broker
 TARGET_PIPELINE_LIMIT = 0.5  # bridge + worker, stored and acked by the worker, over the same
 
@@ -81,6 +85,8 @@ class Result:
     live_rate: float = 0.0
     live_msgs: int = 0
     live_cpu_us: float = 0.0
+    live_redis_cpu_us: float = 0.0  # Redis's and Mosquitto's CPU per message in the live phase
+    live_broker_cpu_us: float = 0.0
     publisher_max_lag_ms: float = 0.0
     publisher_cpu_us: float = 0.0  # the live publishers' own CPU per message (startup included)
     p50_ms: float = math.nan
@@ -134,8 +140,8 @@ def summarize(results: list[Result]) -> list[Row]:
         good = [r for r in mine if r.error is None] or mine
         row = Result(subject, mine[0].processes, round_no=-1, drain_n=mine[0].drain_n)
         for name in ("rate", "cpu_us", "worker_cpu_us", "redis_cpu_us", "broker_cpu_us",
-                     "live_target_rate", "live_rate", "live_cpu_us", "publisher_cpu_us", "p50_ms",
-                     "p99_ms"):  # fmt: skip
+                     "live_target_rate", "live_rate", "live_cpu_us", "live_redis_cpu_us",
+                     "live_broker_cpu_us", "publisher_cpu_us", "p50_ms", "p99_ms"):  # fmt: skip
             setattr(row, name, statistics.median(getattr(r, name) for r in good))
         row.max_ms = max((r.max_ms for r in good if not math.isnan(r.max_ms)), default=math.nan)
         row.publisher_max_lag_ms = max(r.publisher_max_lag_ms for r in good)
@@ -160,12 +166,14 @@ def _live(r: Result) -> str:
     if not r.live_rate:  # the limit and the pipeline have no live phase
         return "| - | - | - | - | - "
     return (f"| {r.live_rate:,.0f} ({r.live_target_rate:,.0f}) | {r.live_cpu_us:.0f} "
+            f"({r.live_redis_cpu_us:.0f}, {r.live_broker_cpu_us:.0f}) "
             f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.1f} ")  # fmt: skip
 
 
 def table(rows: list[Row]) -> str:
     head = ("| subject | procs | drain msg/s | x limit | x baseline | CPU µs/msg "
-            "| Redis, Mosquitto µs/msg | live msg/s (target) | live CPU µs/msg | p50 ms | p99 ms "
+            "| Redis, Mosquitto µs/msg | live msg/s (target) | live CPU µs/msg (Redis, Mosquitto) "
+            "| p50 ms | p99 ms "
             "| max ms | published | lost | dup | dead letters | ok |")  # fmt: skip
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r, to_limit, to_base in rows:
@@ -194,6 +202,8 @@ class Goal:
     median: float | None
     met: bool | None  # None: not measured in this run
     unit: str  # "x": a ratio; "ms"
+    detail: str = ""  # after the verdict, e.g. how many rounds met it
+    round_notes: list[str] = field(default_factory=list)  # after each round's figure
 
     def show(self, value: float | None) -> str:
         if value is None or math.isnan(value):
@@ -202,7 +212,36 @@ class Goal:
 
     @property
     def verdict(self) -> str:
-        return "not measured" if self.met is None else "met" if self.met else "NOT met"
+        said = "not measured" if self.met is None else "met" if self.met else "NOT met"
+        return f"{said} ({self.detail})" if self.detail else said
+
+
+def latency_kept(r: Result) -> bool:
+    """The live phase ran at the rate asked for (its p99 says something about that rate)."""
+    return bool(r.live_target_rate) and r.live_rate >= LIVE_RATE_KEPT * r.live_target_rate
+
+
+def latency_met(r: Result) -> bool:
+    return latency_kept(r) and not math.isnan(r.p99_ms) and r.p99_ms <= TARGET_P99_MS
+
+
+def _p99_goal(results: list[Result], rounds: list[int]) -> Goal:
+    """Met in at least TARGET_P99_ROUNDS of the rounds, each at the rate it was asked for."""
+    by = {r.round_no: r for r in results if r.subject == "bridge"}
+    mine = [by[n] for n in rounds if n in by]
+    p99 = [by[n].p99_ms if n in by else None for n in rounds]
+    found = [x for x in p99 if x is not None and not math.isnan(x)]
+    median = statistics.median(found) if found else None
+    notes = [
+        "" if n not in by or latency_kept(by[n]) or not by[n].live_target_rate
+        else f" (at {by[n].live_rate / by[n].live_target_rate:.0%} of the rate)"
+        for n in rounds
+    ]  # fmt: skip
+    met_in = sum(latency_met(r) for r in mine)
+    met = None if median is None else met_in >= TARGET_P99_ROUNDS * len(mine)
+    return Goal("one bridge's p99 publish-to-XADD at half its drain rate",
+                f"<= {TARGET_P99_MS:g} ms in {TARGET_P99_ROUNDS:.0%} of rounds", p99, median, met,
+                "ms", f"{met_in} of {len(mine)} rounds", notes)  # fmt: skip
 
 
 def goals(results: list[Result]) -> list[Goal]:
@@ -217,18 +256,13 @@ def goals(results: list[Result]) -> list[Goal]:
         met = None if median is None else median >= target
         return Goal(name, f">= {target:g}x", each, median, met, "x")
 
-    p99 = [by["bridge", n].p99_ms if ("bridge", n) in by else None for n in rounds]
-    found = [x for x in p99 if x is not None and not math.isnan(x)]
-    p99_median = statistics.median(found) if found else None
-    p99_met = None if p99_median is None else p99_median <= TARGET_P99_MS
-    p99_name = "one bridge's p99 publish-to-XADD at half its drain rate"
     return [
         ratio_goal("one bridge's drain / the limit's", "bridge", "limit", TARGET_BRIDGE_LIMIT),
         ratio_goal(
             "the pipeline's drain / the limit's", "pipeline", "limit", TARGET_PIPELINE_LIMIT
         ),
         ratio_goal("one bridge's drain / the baseline's", "bridge", "baseline", TARGET_RATIO),
-        Goal(p99_name, f"<= {TARGET_P99_MS:g} ms", p99, p99_median, p99_met, "ms"),
+        _p99_goal(results, rounds),
     ]
 
 
@@ -238,7 +272,10 @@ def goals_table(results: list[Result]) -> str:
             + "".join(f"round {n + 1} | " for n in rounds) + "verdict |")  # fmt: skip
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for goal in goals(results):
-        each = "".join(f"{goal.show(x)} | " for x in goal.rounds)
+        notes = goal.round_notes or [""] * len(goal.rounds)
+        each = "".join(
+            f"{goal.show(x)}{note} | " for x, note in zip(goal.rounds, notes, strict=True)
+        )
         lines.append(f"| {goal.name} | {goal.target} | {goal.show(goal.median)} | {each}"
                      f"{goal.verdict} |")  # fmt: skip
     return "\n".join(lines)
@@ -358,8 +395,11 @@ def markdown(
         "group has read every entry and has none pending (XINFO GROUPS); CPU = bridge + worker, "
         "the worker's part beside it; no live phase",
         f"- live: {plan.publishers} `{plan.publisher}` publisher processes at "
-        f"{plan.live_fraction:.0%} of the subject's drain rate (capped at "
-        f"{plan.max_live_rate:,.0f} msg/s) for {plan.live_s:.0f} s; latency = entry id ms "
+        f"{plan.live_fraction:.0%} of the subject's drain rate in the same round"
+        + (f" (capped at {plan.max_live_rate:,.0f} msg/s)" if plan.max_live_rate else "")
+        + f" for {plan.live_s:.0f} s, each writing what fell due every 1 ms in one write; a "
+        f"round below {LIVE_RATE_KEPT:.0%} of that rate does not count as meeting the latency "
+        "goal; latency = entry id ms "
         "(Redis clock, +0.5 ms for the floored id) - payload `ts` (publisher clock just before "
         "the socket write), same host",
         *(

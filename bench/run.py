@@ -18,8 +18,10 @@ subscription group), `pipeline` (one bridge and one `iotbridge worker` with ever
    has read and acked all N): msg/s, and CPU microseconds per message of the subject's processes
    (utime + stime from /proc/<pid>/stat; Redis's and Mosquitto's apart).
 2. Live (bridges and baseline). With the subject running, publishers send at a fixed rate (half
-   the drain rate, capped) for a bounded time; publish-to-XADD latency is the entry id's
-   milliseconds (Redis's clock) minus the payload's `ts` (the publisher's clock at publish).
+   the drain rate just measured, uncapped unless `--max-live-rate`) for a bounded time;
+   publish-to-XADD latency is the entry id's milliseconds (Redis's clock) minus the payload's
+   `ts` (the publisher's clock at publish). A round whose publishers fell short of the rate
+   (below `LIVE_RATE_KEPT` of it) does not count towards the latency goal.
 3. Check. Stopped, the stream is read back: its (asset, seq) pairs must equal what the broker
    acknowledged to the publishers, with no pair missing and none twice (the limit: it counted N).
 
@@ -166,11 +168,15 @@ def _measure(
         _drain(plan, env, procs, streams, group, result)
         if subject != "pipeline":  # the live phase measures the bridge: the pipeline has none
             wait_ready(procs)
-            cpu0 = sum(cpu_seconds(p.pid) for p in procs)
+            pids = [p.pid for p in procs]
+            cpu0 = [cpu_seconds(pid) for pid in [*pids, env.redis_pid, env.broker_pid]]
             expected |= _live(plan, env, procs, tag, live_seq, result)
             wait_for_length(env.r, streams, len(expected), "live")
-            cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
-            result.live_cpu_us = cpu / result.live_msgs * 1e6
+            cpu = [cpu_seconds(pid) - c for pid, c in
+                   zip([*pids, env.redis_pid, env.broker_pid], cpu0, strict=True)]  # fmt: skip
+            result.live_cpu_us = sum(cpu[:-2]) / result.live_msgs * 1e6
+            result.live_redis_cpu_us = cpu[-2] / result.live_msgs * 1e6
+            result.live_broker_cpu_us = cpu[-1] / result.live_msgs * 1e6
     except Stalled as exc:
         result.error = str(exc)
         print(f"   FAILED: {exc}", flush=True)
@@ -242,7 +248,9 @@ def _live(
     plan: Plan, env: Env, procs: list[Proc], tag: str, live_seq: int, result: Result
 ) -> set[tuple[str, int]]:
     """Publish to the running subject at a fixed rate; what was published."""
-    result.live_target_rate = min(result.rate * plan.live_fraction, plan.max_live_rate)
+    result.live_target_rate = result.rate * plan.live_fraction
+    if plan.max_live_rate:
+        result.live_target_rate = min(result.live_target_rate, plan.max_live_rate)
     live = publish(env.mqtt_url, plan, f"{tag}-live", env.workdir, start_seq=live_seq,
                    rate=result.live_target_rate, duration_s=plan.live_s)  # fmt: skip
     if not all(rep["all_acked"] for rep in live):
@@ -279,8 +287,10 @@ def _check(
         print(f"   live: {result.live_rate:,.0f} msg/s achieved (target "
               f"{result.live_target_rate:,.0f}), p50 {result.p50_ms:.1f} ms, p99 "
               f"{result.p99_ms:.1f} ms, max {result.max_ms:.1f} ms; subject "
-              f"{result.live_cpu_us:.0f} CPU us/msg, publishers {result.publisher_cpu_us:.0f}, "
-              f"publisher max lag {result.publisher_max_lag_ms:.1f} ms", flush=True)  # fmt: skip
+              f"{result.live_cpu_us:.0f} CPU us/msg (+ Redis {result.live_redis_cpu_us:.0f}, "
+              f"Mosquitto {result.live_broker_cpu_us:.0f}), publishers "
+              f"{result.publisher_cpu_us:.0f}, publisher max lag "
+              f"{result.publisher_max_lag_ms:.1f} ms", flush=True)  # fmt: skip
     print(f"   check: published {result.published}, stored {result.stored}, lost {result.lost}, "
           f"duplicated {result.duplicated}, unexpected {result.unexpected}, "
           f"dead letters {result.dead_letters}, exit codes {result.exit_codes}"
@@ -308,8 +318,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]
                         help="publisher client (bench/publisher.py)")  # fmt: skip
     parser.add_argument("--live-fraction", type=float, default=0.5,
                         help="live rate as a fraction of the subject's drain rate")  # fmt: skip
-    parser.add_argument("--max-live-rate", type=float, default=25_000,
-                        help="cap of the live rate: what the publishers sustain here")  # fmt: skip
+    parser.add_argument("--max-live-rate", type=float, default=0.0,
+                        help="cap of the live rate in msg/s (default 0: none, the goal's half "
+                             "of the drain rate)")  # fmt: skip
     parser.add_argument("--results", choices=["auto", "write", "skip"], default="auto",
                         help="update bench/RESULTS.md (auto: on full runs only)")  # fmt: skip
     parser.add_argument("--bridge-env", action="append", default=[], metavar="KEY=VALUE",
