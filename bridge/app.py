@@ -112,6 +112,7 @@ class BridgeApp:
             self.metrics.spool_entries.set_function(lambda: spool.entries)
             self.metrics.spool_max_bytes.set(spool.max_bytes)
         self._received = self.metrics.received.values
+        self._max_in_flight = settings.bridge.max_in_flight  # read per message
         for route in [*self.intake.route_names, UNROUTED]:
             self._received[route,] = 0
             self.metrics.forwarded.labels(route)
@@ -121,15 +122,12 @@ class BridgeApp:
     def _receive(self, inbound: Inbound) -> None:
         pending = self.intake.classify(inbound)
         self._received[pending.route,] += 1
-        if inbound.qos == 0 and self.in_flight() >= self.settings.bridge.max_in_flight:
+        if inbound.qos == 0 and self.in_flight() >= self._max_in_flight:
             # At most once was asked for: with the writer behind and the buffer full, drop, count.
             self.metrics.dropped.labels(pending.route).inc()
             return
         self.pending.append(pending)
-        if (
-            len(self.pending) + self._batched >= self.settings.bridge.max_in_flight
-            and self.redis_ok
-        ):
+        if len(self.pending) + self._batched >= self._max_in_flight and self.redis_ok:
             # The bound of what is received and not yet acknowledged. The broker should stop at
             # the receive maximum, but Mosquitto 2.0 sends a resumed session's whole queue at once
             # (191,500 of 200,000 held here, measured): reading stops until acks make room.

@@ -140,7 +140,10 @@ class BufferedClient(mqtt.Client):
                 if header & 0x06:
                     mid, payload = buf[topic_end] << 8 | buf[topic_end + 1], topic_end + 2
                 if v5:
-                    properties, payload = _varint(buf, payload)
+                    # No properties (the usual case): one zero byte, read without a call.
+                    properties, payload = (
+                        (0, payload + 1) if not buf[payload] else _varint(buf, payload)
+                    )
                     payload += properties
             except (IndexError, ValueError):
                 payload = end + 1
