@@ -159,13 +159,13 @@ def _x(ratio: float | None, digits: int) -> str:
 
 def _cpu(r: Result) -> str:
     worker = f" (worker {r.worker_cpu_us:.0f})" if not math.isnan(r.worker_cpu_us) else ""
-    return f"{r.cpu_us:.1f}" if r.subject == "limit" else f"{r.cpu_us:.0f}{worker}"
+    return f"{r.cpu_us:.1f}{worker}"
 
 
 def _live(r: Result) -> str:
     if not r.live_rate:  # the limit and the pipeline have no live phase
         return "| - | - | - | - | - "
-    return (f"| {r.live_rate:,.0f} ({r.live_target_rate:,.0f}) | {r.live_cpu_us:.0f} "
+    return (f"| {r.live_rate:,.0f} ({r.live_target_rate:,.0f}) | {r.live_cpu_us:.1f} "
             f"({r.live_redis_cpu_us:.0f}, {r.live_broker_cpu_us:.0f}) "
             f"| {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.max_ms:.1f} ")  # fmt: skip
 

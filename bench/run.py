@@ -214,7 +214,7 @@ def _drain(
         result.worker_cpu_us = drain.cpu_s["worker"] / drain.msgs * 1e6
     print(f"   drain: {drain.msgs} msgs in {drain.secs:.2f} s = {result.rate:,.0f} msg/s"
           + (" (stored, read and acked by the worker group)" if group else "")
-          + f", {result.cpu_us:.0f} CPU us/msg"
+          + f", {result.cpu_us:.1f} CPU us/msg"
           + (f" (worker {result.worker_cpu_us:.0f})" if group else "")
           + f" (+ Redis {result.redis_cpu_us:.0f}, Mosquitto {result.broker_cpu_us:.0f})",
           flush=True)  # fmt: skip
@@ -287,7 +287,7 @@ def _check(
         print(f"   live: {result.live_rate:,.0f} msg/s achieved (target "
               f"{result.live_target_rate:,.0f}), p50 {result.p50_ms:.1f} ms, p99 "
               f"{result.p99_ms:.1f} ms, max {result.max_ms:.1f} ms; subject "
-              f"{result.live_cpu_us:.0f} CPU us/msg (+ Redis {result.live_redis_cpu_us:.0f}, "
+              f"{result.live_cpu_us:.1f} CPU us/msg (+ Redis {result.live_redis_cpu_us:.0f}, "
               f"Mosquitto {result.live_broker_cpu_us:.0f}), publishers "
               f"{result.publisher_cpu_us:.0f}, publisher max lag "
               f"{result.publisher_max_lag_ms:.1f} ms", flush=True)  # fmt: skip
