@@ -15,9 +15,11 @@ is never touched by two coroutines at once:
    processing failed, and entries a worker read after losing its lease;
 3. every `detectors.tick_s`: the time-driven checks (staleness), with no message needed;
 4. new entries of the owned streams: XREADGROUP >, BLOCK short so a stop is prompt; with a
-   backlog the next batch is read while this one is processed (only the reading overlaps). On a
+   backlog the next batch's read is sent before this one is processed and its reply read after:
+   Redis prepares it meanwhile (only the reading overlaps; the write of the batch before is
+   in flight too). On a
    Redis Cluster the owned streams are on several masters: one XREADGROUP per slot (shard index),
-   each on its master, all at once (`_read`).
+   each on its master, all at once (`_request`).
 
 Redis being down is a state, not an error: one warning, retries with a capped jittered backoff that
 ends early on stop, one info line when it is back. With `redis.durability`, replicas that do not
@@ -57,11 +59,12 @@ from workers.state import Engine, Shard, ShardState, shards_of
 from workers.streams import (
     SCAN_START,
     Entry,
+    Reading,
     autoclaim,
     create_groups,
     delivery_counts,
-    read_new,
-    read_slots,
+    request_new,
+    request_slots,
     translated,
 )
 from workers.writes import Sent, Unconfirmed, Written, send
@@ -181,7 +184,7 @@ class Consumer:
         # written with the acks). Reload them, then replay our pending entries before new ones.
         self._stale = set(self.owned)
         self._due = {}
-        ahead: asyncio.Task[dict[str, list[Entry]]] | None = None
+        ahead: Reading | None = None
         try:
             # After stop, a batch already read ahead is still processed: it is ours, pending.
             while not stop.is_set() or ahead is not None:
@@ -196,13 +199,14 @@ class Consumer:
                     continue
                 with translated():
                     if ahead is None:
-                        reply = await self._read(client, streams, self._block())
-                    else:
-                        reply, ahead = await ahead, None
-                backlog = any(len(items) == self._batch_size for items in reply.values())
-                if backlog and not stop.is_set():
-                    # Redis prepares the next batch while this one is processed and written.
-                    ahead = asyncio.create_task(self._read(client, streams, None))
+                        ahead = await self._request(client, streams, self._block())
+                    reading, ahead = ahead, None
+                    reply = await self._received(reading)
+                    backlog = any(len(items) == self._batch_size for items in reply.values())
+                    if backlog and not stop.is_set():
+                        # Redis prepares the next batch while this one is processed and written:
+                        # the read is sent now, its reply read when this batch is done.
+                        ahead = await self._request(client, streams, None)
                 # A shard lost or being replayed meanwhile is skipped: its replay (XAUTOCLAIM of
                 # our pending entries, in id order) includes these entries.
                 readable = set(self._readable())
@@ -219,7 +223,7 @@ class Consumer:
         finally:
             await self._end_session(ahead)
 
-    async def _end_session(self, ahead: asyncio.Task[dict[str, list[Entry]]] | None) -> None:
+    async def _end_session(self, ahead: Reading | None) -> None:
         """What a session leaves: a write in flight, a read ahead."""
         if self._in_flight is not None:
             # Its outcome is unknown: the next session reloads the checkpoints, the truth.
@@ -230,10 +234,7 @@ class Consumer:
             await sent.abandon()
         if ahead is not None:
             # Its entries, if it got any, are pending for us: the next session replays them.
-            ahead.cancel()
-            await asyncio.wait({ahead})  # raises only if this task itself is cancelled
-            if not ahead.cancelled():
-                ahead.exception()  # retrieved: an outage is reported once, by the session
+            await ahead.abandon()
 
     async def _settle_after_failure(self, client: Redis) -> None:
         """Something else failed (a read, a claim: on a cluster, a MOVED of another slot): the
@@ -274,19 +275,22 @@ class Consumer:
             return self._block_ms
         return None if self._flowing else min(self._block_ms, _CLUSTER_BLOCK_MS)
 
-    async def _read(
-        self, client: Redis, streams: list[str], block_ms: int | None
-    ) -> dict[str, list[Entry]]:
+    async def _request(self, client: Redis, streams: list[str], block_ms: int | None) -> Reading:
+        """Send the read of new entries of `streams`; `_received` reads its reply."""
         if self._cluster:
-            reply = await read_slots(
+            return await request_slots(
                 self._redis(), self._group, self.name, streams, self._batch_size, block_ms
             )
+        return await request_new(
+            client, self._group, self.name, streams, self._batch_size, block_ms
+        )
+
+    async def _received(self, reading: Reading) -> dict[str, list[Entry]]:
+        """The reply of a read `_request` sent."""
+        reply = await reading.entries()
+        if self._cluster:
             self._flowing = bool(reply)
-        else:
-            reply = await read_new(
-                client, self._group, self.name, streams, self._batch_size, block_ms
-            )
-        for stream in streams:
+        for stream in reading.streams:
             if len(reply.get(stream, ())) < self._batch_size:
                 self._caught_up.add(stream)
             else:
