@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from itertools import chain
 
 from bridge.redis_nodes import slot_of
 from config.errors import IotBridgeError
@@ -186,5 +187,5 @@ def _commands(
     for shard, ids in acks.items():
         commands.append(("XACK", shard.stream, group, *ids))
     for shard, checkpoint in outputs.checkpoints.items():
-        commands.append(("HSET", shard.checkpoint, *(x for p in checkpoint.items() for x in p)))
+        commands.append(("HSET", shard.checkpoint, *chain.from_iterable(checkpoint.items())))
     return commands

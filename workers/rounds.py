@@ -52,10 +52,11 @@ def run_round(
 
 def run_columns(
     plan: Plan, table: Table, states: Sequence[AssetState], batch: Columns,
-    positions: Sequence[int], keyed: list[Keyed],
+    positions: Sequence[int], keyed: list[Keyed], rows: npt.NDArray[np.intp] | None = None,
 ) -> None:  # fmt: skip
     """`run_round` for the entries of a batch decoded column-wise (`workers.columns`), at
-    `positions` of it (all of them: `range(len(batch))`)."""
+    `positions` of it (all of them: `range(len(batch))`); `rows`: the states' rows in `table`,
+    if the caller has them."""
     if len(positions) == len(batch):
         take = None
         rnd = Round(Picked(batch, positions), batch.time_s, batch.seq, batch.id_ms, batch.id_seq)
@@ -71,7 +72,7 @@ def run_columns(
         if values is not None:
             check.feed_many(columns, rnd, values if take is None else values[take], raised)
 
-    _advance(plan, table, _rows(states), rnd, feed, positions, keyed)
+    _advance(plan, table, _rows(states) if rows is None else rows, rnd, feed, positions, keyed)
 
 
 def _rows(states: Sequence[AssetState]) -> npt.NDArray[np.intp]:

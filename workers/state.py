@@ -19,7 +19,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias, cast
+from typing import TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -150,9 +150,10 @@ class Engine:
 
 def _rounds(names: Sequence[str], states: Sequence[AssetState]) -> list[dict[Plan, list[int]]]:
     """The positions of round k (the k-th entry of each asset), by plan."""
-    if len(set(names)) == len(names) and all(s.plan is states[0].plan for s in states):
+    first = states[0].plan
+    if len(set(names)) == len(names) and all(s.plan is first for s in states):
         # The usual batch of a large fleet: one round, one plan.
-        return [{states[0].plan: list(range(len(names)))}]
+        return [{first: list(range(len(names)))}]
     seen: dict[str, int] = {}
     rounds: list[dict[Plan, list[int]]] = []
     for pos, asset in enumerate(names):
@@ -256,16 +257,15 @@ class ShardState:
         through `Check.feed` by itself."""
         assets = self.assets
         names = batch.assets
-        states = [assets.get(asset) for asset in names]
-        if None in states:
-            for pos, state in enumerate(states):
-                if state is None:
-                    # A new asset may come twice in the batch: added once.
-                    states[pos] = assets.get(names[pos]) or self._add(names[pos])
-        placed = cast("list[AssetState]", states)
-        self._image(names, placed)
+        try:
+            placed = [assets[asset] for asset in names]
+        except KeyError:
+            # A new asset may come twice in the batch: added once.
+            placed = [assets.get(asset) or self._add(asset) for asset in names]
+        rounds = _rounds(names, placed)
+        rows = self._image(names, placed, whole=len(rounds) == 1 and len(rounds[0]) == 1)
         keyed: list[Keyed] = []
-        for groups in _rounds(names, placed):
+        for groups in rounds:
             for plan, positions in groups.items():
                 if not plan.checks:
                     continue  # an asset no check applies to: nothing to run
@@ -273,7 +273,7 @@ class ShardState:
                     done = len(keyed)
                     try:
                         run_columns(plan, self._tables[plan], [placed[p] for p in positions],
-                                    batch, positions, keyed)  # fmt: skip
+                                    batch, positions, keyed, rows)  # fmt: skip
                         continue
                     except SampleFailed:
                         raise
@@ -292,14 +292,24 @@ class ShardState:
             keyed.sort(key=_order)
             out.extend(key[3] for key in keyed)
 
-    def _image(self, names: Sequence[str], states: Sequence[AssetState]) -> None:
+    def _image(
+        self, names: Sequence[str], states: Sequence[AssetState], whole: bool = False
+    ) -> npt.NDArray[np.intp] | None:
         """Keep the rows of the assets `names` (their `states`) not yet kept in this batch, one
-        copy per table, for a rollback (one numpy step, not a `tobytes()` per asset)."""
+        copy per table, for a rollback (one numpy step, not a `tobytes()` per asset). `whole`:
+        the assets are distinct and of one plan; then, if none was kept yet (the usual batch),
+        their rows are gathered once, for this and for their round: returned."""
         before = self._before
+        if whole and not before:
+            table = states[0].table
+            rows = np.fromiter([state.index for state in states], np.intp, len(states))
+            self._images.append((table, rows, table.data[rows]))
+            self._before = dict.fromkeys(names, _IMAGED)
+            return rows
         fresh = {asset: state for asset, state in zip(names, states, strict=True)
                  if asset not in before}  # fmt: skip
         if not fresh:
-            return
+            return None
         by_table: dict[Table, list[int]] = {}
         for state in fresh.values():
             by_table.setdefault(state.table, []).append(state.index)
@@ -307,6 +317,7 @@ class ShardState:
             rows = np.fromiter(indexes, np.intp, len(indexes))
             self._images.append((table, rows, table.data[rows]))
         before.update(dict.fromkeys(fresh, _IMAGED))
+        return None
 
     def sweep(self, now_ms: int, out: list[AnomalyEvent]) -> None:
         """Run the time-driven checks of every asset at stream time `now_ms`."""
