@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import math
 import socket
@@ -32,15 +31,10 @@ from gateway.commit import GroupCommit
 from gateway.context import GatewayContext
 from gateway.ingest import Ingestor
 from gateway.ingest_http import IngestFastPath
-from observability.lifecycle import Backoff
+from observability.lifecycle import Backoff, gc_thresholds
 from observability.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
-
-# Young collections every 50,000 tracked allocations, as in the bridge (bridge.app): Python's 700
-# rescanned the objects of the requests in flight again and again, and full collections stalled
-# every request under way.
-_GC_THRESHOLDS = (50_000, 10, 10)
 
 
 class _Server(uvicorn.Server):
@@ -100,12 +94,10 @@ class GatewayApp:
             return
 
     async def run(self, stop: asyncio.Event) -> None:
-        thresholds = gc.get_threshold()
-        gc.set_threshold(*_GC_THRESHOLDS)
-        try:
+        # Python's 700 rescanned the objects of the requests in flight again and again, and full
+        # collections stalled every request under way.
+        with gc_thresholds():
             await self._run(stop)
-        finally:
-            gc.set_threshold(*thresholds)
 
     async def _run(self, stop: asyncio.Event) -> None:
         gw = self.settings.gateway

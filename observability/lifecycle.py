@@ -6,11 +6,13 @@ A signal sets the stop event; each stage watches it and drains. A second signal 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import os
 import random
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 
@@ -20,6 +22,23 @@ from observability.http import HealthServer, ReadinessCheck
 log = logging.getLogger(__name__)
 
 FORCED_EXIT_CODE = 130
+# Young collections every 700 tracked allocations (Python's default) scan the objects of the
+# messages or entries in hand again and again: in the bridge 6.9% of the message path's CPU
+# in-process against 1.1% with 50,000; in the worker 465 ms of collections against 19-27 for
+# 600,000 entries (measured with gc callbacks). What they hold is freed by reference counts;
+# cycles are rare and still collected.
+GC_THRESHOLDS = (50_000, 10, 10)
+
+
+@contextlib.contextmanager
+def gc_thresholds() -> Iterator[None]:
+    """`GC_THRESHOLDS` while the block runs, the thresholds before it after."""
+    before = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 class Backoff:

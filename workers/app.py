@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry
 
 from config.settings import Settings
+from observability.lifecycle import gc_thresholds
 from observability.metrics import WorkerMetrics
 from workers.consumer import Consumer, consumer_name
 from workers.detectors import Check, build_checks
@@ -44,9 +45,10 @@ class WorkerApp:
             self._settings.redis, client_name=f"iotbridge-worker-{self.consumer.name}"
         )
         try:
-            async with asyncio.TaskGroup() as tasks:
-                consuming = tasks.create_task(self.consumer.run(redis, stop), name="consumer")
-                tasks.create_task(self._enforce_grace(stop, consuming), name="shutdown-grace")
+            with gc_thresholds():
+                async with asyncio.TaskGroup() as tasks:
+                    consuming = tasks.create_task(self.consumer.run(redis, stop), name="consumer")
+                    tasks.create_task(self._enforce_grace(stop, consuming), name="shutdown-grace")
         finally:
             await redis.close()
 
