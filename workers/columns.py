@@ -13,15 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from itertools import chain
-from typing import overload
+from typing import Any, TypeVar, overload
 
 import numpy as np
 
 from workers.detectors.base import Vector
 from workers.sample import Fields, Layout, Sample, layout_of
+from workers.streams import NewEntries
 
 # Below this many entries the per-entry path costs less than the column set-up.
 COLUMNS_FROM = 32
+T = TypeVar("T", str, bytes)
 
 
 class Columns:
@@ -31,12 +33,13 @@ class Columns:
                  "ts", "values")  # fmt: skip
 
     def __init__(
-        self, route: str, ids: list[str], assets: list[str], seq_text: list[str], ts: list[str],
-        time_s: Vector, values: dict[str, Vector],
+        self, route: str, ids: list[str], assets: list[str], seq_text: Sequence[str | bytes],
+        ts: Sequence[str | bytes], time_s: Vector, values: dict[str, Vector],
     ) -> None:  # fmt: skip
         self.route = route
         self.ids = ids
         self.assets = assets
+        # As read: text, or the bytes of a reply read without decoding (decoded when needed).
         self.seq_text = seq_text
         self.ts = ts
         self.time_s = time_s
@@ -74,8 +77,10 @@ class Columns:
     def sample(self, pos: int) -> Sample:
         """The entry at `pos` as `decode_entry` decodes it."""
         values = {name: float(column[pos]) for name, column in self.values.items()}
+        ts = self.ts[pos]
         return Sample(self.ids[pos], self.route, self.assets[pos], int(self.seq_text[pos]),
-                      self.ts[pos], float(self.time_s[pos]), values)  # fmt: skip
+                      ts if isinstance(ts, str) else ts.decode(), float(self.time_s[pos]),
+                      values)  # fmt: skip
 
 
 class Picked(Sequence[Sample]):
@@ -104,8 +109,16 @@ class Picked(Sequence[Sample]):
 
 
 def decode_columns(route: str, entries: Sequence[tuple[str, Fields | None]]) -> Columns | None:
-    """`entries` (flat field lists, as `workers.streams.read_new` answers) as columns, or None
-    where the batch must be decoded entry by entry (see the module's docstring)."""
+    """`entries` (flat field lists, as `workers.streams.read_new` answers, decoded or not) as
+    columns, or None where the batch must be decoded entry by entry (see the module's docstring).
+    Of a reply not decoded, the ids and assets are decoded here; the numbers are parsed from the
+    bytes (`float(b"1.5")` is `float("1.5")`)."""
+    if isinstance(entries, NewEntries):
+        return _columns(route, entries.raw, b"")
+    return _columns(route, entries, "")
+
+
+def _columns(route: str, entries: Sequence[tuple[T, Any]], empty: T) -> Columns | None:
     found = _one_layout(entries)
     if found is None:
         return None
@@ -113,7 +126,7 @@ def decode_columns(route: str, entries: Sequence[tuple[str, Fields | None]]) -> 
     n = len(entries)
     assets = flat[at_asset::width]
     seq_text = flat[at_seq::width]
-    digits = "".join(seq_text)
+    digits = empty.join(seq_text)
     if not (all(assets) and all(seq_text) and digits.isascii() and digits.isdigit()):
         return None
     ts = flat[at_ts::width]
@@ -125,13 +138,19 @@ def decode_columns(route: str, entries: Sequence[tuple[str, Fields | None]]) -> 
         return None
     if not np.isfinite(time_s).all() or not all(np.isfinite(v).all() for v in values.values()):
         return None
-    ids = [entry_id for entry_id, _ in entries]
-    return Columns(route, ids, assets, seq_text, ts, time_s, values)
+    entry_ids = [entry_id for entry_id, _ in entries]
+    if isinstance(empty, bytes):
+        # Of a reply not decoded, the ids and assets are kept as text.
+        try:
+            ids, names = list(map(bytes.decode, entry_ids)), list(map(bytes.decode, assets))
+        except UnicodeDecodeError:
+            return None  # entry by entry, where decoding fails as it does for a decoded reply
+    else:
+        ids, names = entry_ids, assets
+    return Columns(route, ids, names, seq_text, ts, time_s, values)
 
 
-def _one_layout(
-    entries: Sequence[tuple[str, Fields | None]],
-) -> tuple[list[str], int, Layout] | None:
+def _one_layout(entries: Sequence[tuple[T, Any]]) -> tuple[list[T], int, Layout] | None:
     """Every entry's fields in one flat list, the fields per entry and their layout, if every
     entry has the same field names in the same order and the layout is one the fast paths
     decode; else None."""
@@ -141,11 +160,14 @@ def _one_layout(
         return None
     width = len(first)
     names = first[0::2]
-    layout = layout_of(tuple(names))
+    try:
+        layout = layout_of(tuple(n if isinstance(n, str) else n.decode() for n in names))
+    except UnicodeDecodeError:
+        return None
     if layout[0] < 0:
         return None
     try:
-        flat = list(chain.from_iterable(fields for _, fields in entries))  # type: ignore[misc]
+        flat: list[T] = list(chain.from_iterable(fields for _, fields in entries))
     except TypeError:  # an entry without fields
         return None
     if len(flat) != width * n or flat[0::2] != names * n:

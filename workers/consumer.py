@@ -285,7 +285,7 @@ class Consumer:
             client, self._group, self.name, streams, self._batch_size, block_ms
         )
 
-    async def _received(self, reading: Reading) -> dict[str, list[Entry]]:
+    async def _received(self, reading: Reading) -> dict[str, Sequence[Entry]]:
         """The reply of a read `_request` sent."""
         reply = await reading.entries()
         if self._cluster:

@@ -5,7 +5,8 @@ yet known to be written (`ShardState.seal`, `rollback_all`)."""
 from __future__ import annotations
 
 import random
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import pytest
 
@@ -17,7 +18,7 @@ from workers.detectors import build_checks
 from workers.processing import MALFORMED, Delivery, process, sweep
 from workers.sample import decode_entry
 from workers.state import Engine, Shard, ShardState
-from workers.streams import Entry
+from workers.streams import Entry, NewEntries
 
 SHARD = Shard("telemetry", 0, "p:tel:telemetry", "p:lease", "p:state")
 SETTINGS = DetectorSettings(
@@ -57,12 +58,20 @@ def fleet(seed: int, assets: int, steps: int) -> list[Entry]:
     return out
 
 
-def run(entries: list[Entry], batch: int) -> tuple[list[Any], dict[str, bytes]]:
-    """Every batch through `process` and committed: (each batch's outputs, the final rows)."""
+def as_read(entries: list[Entry]) -> NewEntries:
+    """`entries` as a reply read without decoding holds them."""
+    return NewEntries([(i.encode(), [f.encode() for f in cast("list[str]", fields)])
+                       for i, fields in entries])  # fmt: skip
+
+
+def run(entries: list[Entry], batch: int, read: bool = False) -> tuple[list[Any], dict[str, bytes]]:
+    """Every batch through `process` and committed: (each batch's outputs, the final rows);
+    `read`: each batch as a reply read without decoding holds it."""
     state = ShardState(SHARD, Engine(build_checks(SETTINGS)))
     seen: list[Any] = []
     for start in range(0, len(entries), batch):
-        result = process([Delivery(state, entries[start : start + batch])], 3, {})
+        part = entries[start : start + batch]
+        result = process([Delivery(state, as_read(part) if read else part)], 3, {})
         out = result.outputs
         events = [event for _, event in out.events]
         seen.append((events, out.acks, out.checkpoints, out.dead_letters, out.processed))
@@ -75,24 +84,28 @@ def run(entries: list[Entry], batch: int) -> tuple[list[Any], dict[str, bytes]]:
     return seen, {asset: state.assets[asset].row.tobytes() for asset in sorted(state.assets)}
 
 
+@pytest.mark.parametrize("read", [False, True], ids=["text", "bytes"])
 @pytest.mark.parametrize("batch", [40, 500])
 def test_batches_decoded_column_wise_give_what_entry_by_entry_gives(
-    batch: int, monkeypatch: pytest.MonkeyPatch
+    batch: int, read: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     entries = fleet(seed=5, assets=120, steps=60)
     assert decode_columns("telemetry", entries[:batch]) is not None
-    got = run(entries, batch)
+    assert decode_columns("telemetry", as_read(entries[:batch])) is not None
+    got = run(entries, batch, read)
     monkeypatch.setattr(columns, "COLUMNS_FROM", 10**9)  # entry by entry only
     assert decode_columns("telemetry", entries[:batch]) is None
+    assert decode_columns("telemetry", as_read(entries[:batch])) is None
     expected = run(entries, batch)
     kinds = {(e.detector, e.event.value) for outputs in expected[0] for e in outputs[0]}
     assert len(kinds) == 12  # every detector opened and ended anomalies
     assert got == expected
 
 
-def test_a_batch_decoded_column_wise_holds_the_samples_decode_entry_makes() -> None:
+@pytest.mark.parametrize("read", [False, True], ids=["text", "bytes"])
+def test_a_batch_decoded_column_wise_holds_the_samples_decode_entry_makes(read: bool) -> None:
     entries = fleet(seed=2, assets=50, steps=2)
-    batch = decode_columns("telemetry", entries)
+    batch = decode_columns("telemetry", as_read(entries) if read else entries)
     assert batch is not None
     assert len(batch) == 100
     expected = [decode_entry("telemetry", entry_id, fields) for entry_id, fields in entries]
@@ -112,15 +125,17 @@ def test_a_batch_decoded_column_wise_holds_the_samples_decode_entry_makes() -> N
         ("a", "7", "1700000000.5", "hot"),
     ],
 )
+@pytest.mark.parametrize("read", [False, True], ids=["text", "bytes"])
 def test_a_batch_with_one_entry_out_of_the_ordinary_goes_entry_by_entry(
-    asset: str, seq: str, ts: str, temperature: str
+    asset: str, seq: str, ts: str, temperature: str, read: bool
 ) -> None:
     entries = fleet(seed=1, assets=40, steps=1)
     odd = flat("x", 0, 1.0, temperature=1.0, vibration=1.0, pressure=1.0)
     odd[1], odd[3], odd[5], odd[17] = asset, seq, ts, temperature
     entries[17] = ("9-9", odd)
-    assert decode_columns("telemetry", entries) is None
-    result = process([Delivery(ShardState(SHARD, Engine(build_checks(SETTINGS))), entries)], 3, {})
+    batch: Sequence[Entry] = as_read(entries) if read else entries
+    assert decode_columns("telemetry", batch) is None
+    result = process([Delivery(ShardState(SHARD, Engine(build_checks(SETTINGS))), batch)], 3, {})
     # Whatever entry-by-entry decoding makes of it, the other 39 entries are processed.
     assert result.outputs.processed["telemetry"] in (39, 40)
     assert len(result.outputs.acks[SHARD]) == 40
