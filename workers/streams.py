@@ -175,9 +175,11 @@ async def request_slots(
 ) -> Reading:  # fmt: skip
     """`request_new` on a cluster: one read per slot (every route's stream of one shard), each
     sent to its master at once."""
+    parts = placement.by_slot(streams, str)
+    masters = [await placement.master(part[0]) for part in parts]
     reading = Reading(streams)
-    for part in placement.by_slot(streams, str):
-        master = await placement.master(part[0])
+    for master, part in zip(masters, parts, strict=True):
+        # A failed send gives up the reads sent before it too (`Reading.send`).
         await reading.send(master, _read_args(group, consumer, part, count, block_ms))
     return reading
 

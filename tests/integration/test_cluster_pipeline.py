@@ -188,6 +188,12 @@ async def test_a_master_killed_under_the_pipeline_loses_nothing_and_flags_as_uni
     assert sorted(flags) == sorted(expected)
 
 
+# redis-py's cluster client (8.1) reads the slot table again after a MOVED through node objects it
+# makes for the occasion, and leaves one of them, with its connections, to the collector: after
+# the event loop has closed, "Unclosed ClusterNode" of a master and sockets to it are reported
+# (seen in 6 of 10 runs of this file here). What the test checks is what was stored, acked and
+# flagged; a warning raised while it runs still fails it.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_slots_moved_under_the_pipeline_keep_groups_pending_entries_and_flags(
     make_settings: Callable[..., Settings], healed: LocalCluster, broker: Service, unique: str,
     tmp_path: Path,
