@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import io
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bench.results import WorkerBench
+from bench.results import WorkerBench, WorkerRun
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -289,16 +291,53 @@ _WORKER_FULL = re.compile(
 )
 
 
-def worker_bench(redis_url: str, entries: int, assets: int, log: Path) -> WorkerBench:
+def worker_bench(
+    redis_url: str, entries: int, assets: int, workdir: Path, base: str = "", runs: int = 1
+) -> WorkerBench:
+    """bench/worker_bench.py `runs` times on the working tree's worker, each after a run of the
+    same bench file on the worker of commit `base` ("": none), whose tree is taken from git into
+    `workdir`; logs in `workdir`."""
+    result = WorkerBench(entries, base)
+    tree = None
+    if base:
+        try:
+            tree = git_tree(base, workdir / f"worker-{base}")
+        except (OSError, subprocess.CalledProcessError, tarfile.TarError) as exc:
+            result.base_error = f"no tree of {base}: {exc}"
+    for n in range(runs):
+        if tree is not None:
+            log = workdir / f"worker_bench-{base}-{n + 1}.log"
+            result.base_runs.append(worker_run(redis_url, entries, assets, log, tree))
+        log = workdir / f"worker_bench-{n + 1}.log"
+        result.runs.append(worker_run(redis_url, entries, assets, log))
+    return result
+
+
+def git_tree(commit: str, into: Path) -> Path:
+    """The files of `commit` (git archive) in the directory `into`."""
+    archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=ROOT,
+                             capture_output=True, check=True, timeout=120).stdout  # fmt: skip
+    into.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def worker_run(
+    redis_url: str, entries: int, assets: int, log: Path, tree: Path | None = None
+) -> WorkerRun:
     """bench/worker_bench.py as its own process, on the run's Redis: its `full` line (one worker,
-    every detector, on a stream filled beforehand). Its other modes and the state measurement run
-    too (the smallest state sample it takes); whatever it prints goes to `log`."""
+    every detector, on a stream filled beforehand), with the project's modules of `tree` (None:
+    the working tree). Its other modes and the state measurement run too (the smallest state
+    sample it takes); whatever it prints goes to `log`."""
     argv = [sys.executable, str(BENCH / "worker_bench.py"), "--entries", str(entries),
             "--assets", str(assets), "--state-assets", "100", "--redis-url", redis_url]  # fmt: skip
-    result = WorkerBench(entries)
+    # The bench imports the project's modules before it adds its own tree to the path.
+    env = {**os.environ, "PYTHONPATH": str(tree or ROOT)}
+    result = WorkerRun()
     try:
         done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                              check=False)  # fmt: skip
+                              check=False, env=env)  # fmt: skip
     except subprocess.TimeoutExpired:
         result.error = "timed out after 300 s"
         return result

@@ -29,6 +29,10 @@ TARGET_P99_ROUNDS = 0.9  # ... in at least this share of the rounds (9 of 10 ben
 LIVE_RATE_KEPT = 0.97
 TARGET_BRIDGE_LIMIT = 0.7  # one bridge's drain rate over the C subscriber's, same queue and broker
 TARGET_PIPELINE_LIMIT = 0.5  # bridge + worker, stored and acked by the worker, over the same
+# The worker alone (bench/worker_bench.py, every detector) against the worker of WORKER_BASE, the
+# commit its entries/s were first measured at, in the same run.
+TARGET_WORKER_BASE = 3.0
+WORKER_BASE = "9a2c130"
 
 
 @dataclass
@@ -49,22 +53,62 @@ class Plan:
 
 
 @dataclass
-class WorkerBench:
-    """bench/worker_bench.py's `full` mode: one worker, every detector, on entries stored before."""
+class WorkerRun:
+    """One run of bench/worker_bench.py: its `full` line (one worker, every detector, on entries
+    stored before)."""
 
-    entries: int
     rate: float = math.nan
     cpu_us: float = math.nan
     redis_cpu_us: float = math.nan
     error: str | None = None
 
+
+@dataclass
+class WorkerBench:
+    """bench/worker_bench.py after the rounds: the working tree's worker, and the worker of the
+    commit `base` (none: "") run just before it, `runs` times each."""
+
+    entries: int
+    base: str = ""
+    runs: list[WorkerRun] = field(default_factory=list)
+    base_runs: list[WorkerRun] = field(default_factory=list)
+    base_error: str | None = None  # the base's tree could not be made
+
+    @property
+    def error(self) -> str | None:
+        failed = next((r.error for r in self.runs if r.error), None)
+        return failed if failed or self.runs else "not run"
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(r.rate for r in self.runs)
+
+    @property
+    def ratios(self) -> list[float]:
+        """Each run's entries/s over the base's run before it."""
+        return [r.rate / b.rate for r, b in zip(self.runs, self.base_runs, strict=False)
+                if not r.error and not b.error]  # fmt: skip
+
     def note(self) -> str:
         if self.error:
             return f"worker alone (bench/worker_bench.py): not measured: {self.error}"
-        return (f"worker alone, every detector (bench/worker_bench.py once after the rounds, "
-                f"from the working tree, {self.entries:,} stored entries): {self.rate:,.0f} "
-                f"entries/s, {self.cpu_us:.0f} CPU µs/entry "
-                f"(+ Redis {self.redis_cpu_us:.0f})")  # fmt: skip
+        cpu = statistics.median(r.cpu_us for r in self.runs)
+        redis_cpu = statistics.median(r.redis_cpu_us for r in self.runs)
+        note = (f"worker alone, every detector (bench/worker_bench.py after the rounds, from the "
+                f"working tree, {self.entries:,} stored entries): {self.rate:,.0f} entries/s "
+                f"(median of {len(self.runs)}), {cpu:.1f} CPU µs/entry (+ Redis {redis_cpu:.1f})")  # fmt: skip
+        if not self.base:
+            return note
+        ratios = self.ratios
+        if not ratios:
+            failed = self.base_error or next((b.error for b in self.base_runs if b.error), None)
+            return f"{note}; the worker of {self.base}: not measured: {failed}"
+        base_rate = statistics.median(b.rate for b in self.base_runs if not b.error)
+        median = statistics.median(ratios)
+        verdict = "met" if median >= TARGET_WORKER_BASE else "NOT met"
+        each = ", ".join(f"{x:.2f}" for x in ratios)
+        return (f"{note}; {median:.2f}x the worker of {self.base} ({base_rate:,.0f} entries/s, "
+                f"run before each; per run {each}; goal >= {TARGET_WORKER_BASE:g}x: {verdict})")  # fmt: skip
 
 
 @dataclass

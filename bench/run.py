@@ -25,7 +25,9 @@ subscription group), `pipeline` (one bridge and one `iotbridge worker` with ever
 3. Check. Stopped, the stream is read back: its (asset, seq) pairs must equal what the broker
    acknowledged to the publishers, with no pair missing and none twice (the limit: it counted N).
 
-Then, once, bench/worker_bench.py: the worker alone on stored entries, every detector on.
+Then bench/worker_bench.py: the worker alone on stored entries, every detector on, each run after
+a run of the same bench on the worker of `--worker-base` (the commit its speed was first measured
+at), whose ratio is the worker's goal.
 Numbers from this shared, noisy machine mean something only as ratios against the limit and the
 baseline measured in the same round. Every wait is bounded; only loopback addresses are used.
 """
@@ -81,6 +83,7 @@ from bench.publisher import expected_pairs, publish  # noqa: E402
 from bench.results import (  # noqa: E402
     MOSQUITTO_CONF,
     RESULTS,
+    WORKER_BASE,
     About,
     Plan,
     Result,
@@ -332,8 +335,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]
                         help="run a process busy this fraction of one core beside each subject "
                              "(a noisy neighbour), e.g. 0.5")  # fmt: skip
     parser.add_argument("--worker-entries", type=int,
-                        help="entries of bench/worker_bench.py, run once after the rounds "
-                             "(default 50,000; quick and 0: not run)")  # fmt: skip
+                        help="entries of bench/worker_bench.py, run after the rounds "
+                             "(default 600,000; quick and 0: not run)")  # fmt: skip
+    parser.add_argument("--worker-base", default=WORKER_BASE, metavar="COMMIT",
+                        help="the worker's entries/s are compared with this commit's, each run "
+                             f"after one of it (default {WORKER_BASE}; '': not run)")  # fmt: skip
+    parser.add_argument("--worker-runs", type=int, default=2,
+                        help="runs of bench/worker_bench.py (and of the base's before each)")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
@@ -342,7 +350,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Plan]
         parser.error(f"unknown subjects: {sorted(unknown)}")
     args.subject_list = subjects
     if args.worker_entries is None:
-        args.worker_entries = 0 if args.quick else 50_000
+        args.worker_entries = 0 if args.quick else 600_000
     n_base = args.n_baseline or (2_000 if args.quick else 10_000)
     n_bridge = args.n_bridge or (10_000 if args.quick else 100_000)
     plan = Plan(
@@ -393,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if plan.worker_entries:
             print(f"\n== bench/worker_bench.py --entries {plan.worker_entries:,}", flush=True)
-            worker = worker_bench(env.redis_url, plan.worker_entries, plan.assets,
-                                  workdir / "worker_bench.log")  # fmt: skip
+            worker = worker_bench(env.redis_url, plan.worker_entries, plan.assets, workdir,
+                                  args.worker_base, args.worker_runs)  # fmt: skip
             print(f"   {worker.note()}", flush=True)
         r.close()
     finally:
