@@ -6,7 +6,6 @@ Cluster's among them.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -205,10 +204,10 @@ class Reading:
         self._parts: list[tuple[Redis, Any]] = []
 
     async def send(self, client: Redis, args: tuple[str, ...]) -> None:
-        pool = client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
-        self._parts.append((client, conn))
+        """Send one read; if it cannot be sent, the reads sent before it are given up too."""
         try:
+            conn = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+            self._parts.append((client, conn))
             # hiredis' stub types the argument as a 1-tuple; it takes a tuple of any length.
             packed = cast("bytes", pack_command(args))  # type: ignore[arg-type]
             await conn.send_packed_command(packed, check_health=False)
@@ -217,27 +216,36 @@ class Reading:
             raise
 
     async def entries(self) -> dict[str, Sequence[Entry]]:
-        """The entries of every reply, by stream (one stream is read on one Redis only)."""
-        parts, self._parts = self._parts, []
-        if len(parts) == 1:
-            return grouped(await _reply(*parts[0]))
-        replies: list[Any] = await asyncio.gather(
-            *(_reply(client, conn) for client, conn in parts), return_exceptions=True
-        )
+        """The entries of every reply, by stream (one stream is read on one Redis only). The
+        replies are read one after the other (Redis prepared them all meanwhile); one that fails
+        does not stop the others from being read, and the first failure is raised after them. If
+        this is cancelled, the replies not read yet are given up (`abandon`)."""
         merged: dict[str, Sequence[Entry]] = {}
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                # The others' entries are pending for this consumer: its next session replays them.
-                raise reply
-            merged.update(grouped(reply))
+        failures: list[Exception] = []
+        try:
+            while self._parts:
+                client, conn = self._parts.pop(0)
+                try:
+                    merged.update(grouped(await _reply(client, conn)))
+                except Exception as exc:  # noqa: BLE001 -- raised below, once the rest are read
+                    failures.append(exc)
+        except BaseException:
+            await self.abandon()
+            raise
+        if failures:
+            # The others' entries are pending for this consumer: its next session replays them.
+            raise failures[0]
         return merged
 
     async def abandon(self) -> None:
-        """Give up on the replies not read: their connections are closed."""
-        parts, self._parts = self._parts, []
-        for client, conn in parts:
-            await conn.disconnect()
-            await client.connection_pool.release(conn)
+        """Give up on the replies not read: their connections are closed, each one whatever
+        happens to the others."""
+        while self._parts:
+            client, conn = self._parts.pop(0)
+            try:
+                await conn.disconnect(nowait=True)
+            finally:
+                await client.connection_pool.release(conn)
 
 
 async def _reply(client: Redis, conn: Any) -> Any:

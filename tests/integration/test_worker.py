@@ -20,11 +20,13 @@ from typing import Any, cast
 import pytest
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.typing import EncodableT, FieldT
 
 from bridge.record import value_field
 from config.keys import Keys
 from config.settings import Settings
+from tests.clients import wait_for
 from tests.faults import redis as own_redis
 from tests.services import free_port, http_get, wait_until
 from workers import streams
@@ -319,3 +321,68 @@ async def test_the_lag_is_zero_once_the_group_has_the_last_entry_whatever_redis_
     finally:
         await client.delete(stream)
         await client.aclose()
+
+
+# The reads of new entries (`workers.streams.Reading`): sent before a batch is processed, their
+# replies read after it. A read given up must not stay open with its reply unread.
+
+_READ = ("XREADGROUP", "GROUP", "g", "c", "COUNT", "10", "BLOCK", "5000", "STREAMS")
+
+
+async def _open_reads(admin: Redis, name: str) -> int:
+    """Connections named `name` that the server still has open."""
+    return sum(1 for client in await admin.client_list() if client.get("name") == name)
+
+
+async def test_reads_sent_before_one_that_cannot_be_sent_are_given_up(
+    redis_url: str, unique: str
+) -> None:
+    admin = Redis.from_url(redis_url, decode_responses=True)
+    name = f"{unique}-reads"
+    reads = Redis.from_url(redis_url, decode_responses=True, client_name=name)
+    # Nothing listens there: the second read cannot be sent (as a master refusing connections).
+    gone = Redis(host="127.0.0.1", port=free_port(), client_name=name, socket_connect_timeout=1)
+    stream = f"{unique}:s"
+    await admin.xgroup_create(stream, "g", id="$", mkstream=True)
+    reading = streams.Reading([stream])
+    try:
+        await reading.send(reads, (*_READ, stream, ">"))
+        assert await _open_reads(admin, name) == 1  # blocked on the server, waiting for entries
+        with pytest.raises(RedisConnectionError):
+            await reading.send(gone, (*_READ, stream, ">"))
+        await wait_for(lambda: _is(0, _open_reads(admin, name)), 5, "the first read closed")
+        assert await reading.entries() == {}  # nothing left to read
+    finally:
+        await admin.delete(stream)
+        for client in (admin, reads, gone):
+            await client.aclose()
+
+
+async def test_replies_not_read_when_the_reading_is_cancelled_are_given_up(
+    redis_url: str, unique: str
+) -> None:
+    admin = Redis.from_url(redis_url, decode_responses=True)
+    name = f"{unique}-reads"
+    reads = Redis.from_url(redis_url, decode_responses=True, client_name=name)
+    keys = [f"{unique}:a", f"{unique}:b"]
+    for key in keys:
+        await admin.xgroup_create(key, "g", id="$", mkstream=True)
+    reading = streams.Reading(keys)
+    try:
+        for key in keys:  # two reads on two connections, as to two masters of a cluster
+            await reading.send(reads, (*_READ, key, ">"))
+        assert await _open_reads(admin, name) == 2
+        # Cancelled while it waits for the first reply (no entry comes), as a stop past the
+        # shutdown grace cancels the worker.
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await reading.entries()
+        await wait_for(lambda: _is(0, _open_reads(admin, name)), 5, "both reads closed")
+    finally:
+        await admin.delete(*keys)
+        for client in (admin, reads):
+            await client.aclose()
+
+
+async def _is(expected: int, count: Awaitable[int]) -> bool:
+    return await count == expected
