@@ -334,12 +334,17 @@ async def _open_reads(admin: Redis, name: str) -> int:
     return sum(1 for client in await admin.client_list() if client.get("name") == name)
 
 
+def _reads_clients(redis_url: str, name: str) -> tuple[Redis, Redis]:
+    """A client to look with, and one whose connections (the reads') are named `name`."""
+    return (Redis.from_url(redis_url, decode_responses=True),
+            Redis.from_url(redis_url, decode_responses=True, client_name=name))  # fmt: skip
+
+
 async def test_reads_sent_before_one_that_cannot_be_sent_are_given_up(
     redis_url: str, unique: str
 ) -> None:
-    admin = Redis.from_url(redis_url, decode_responses=True)
     name = f"{unique}-reads"
-    reads = Redis.from_url(redis_url, decode_responses=True, client_name=name)
+    admin, reads = _reads_clients(redis_url, name)
     # Nothing listens there: the second read cannot be sent (as a master refusing connections).
     gone = Redis(host="127.0.0.1", port=free_port(), client_name=name, socket_connect_timeout=1)
     stream = f"{unique}:s"
@@ -361,9 +366,8 @@ async def test_reads_sent_before_one_that_cannot_be_sent_are_given_up(
 async def test_replies_not_read_when_the_reading_is_cancelled_are_given_up(
     redis_url: str, unique: str
 ) -> None:
-    admin = Redis.from_url(redis_url, decode_responses=True)
     name = f"{unique}-reads"
-    reads = Redis.from_url(redis_url, decode_responses=True, client_name=name)
+    admin, reads = _reads_clients(redis_url, name)
     keys = [f"{unique}:a", f"{unique}:b"]
     for key in keys:
         await admin.xgroup_create(key, "g", id="$", mkstream=True)

@@ -67,6 +67,21 @@ async def all_flags(redis: Redis, keys: Keys, *fields: str) -> list[Flag]:
             for _, flag in await entries(redis, stream)]  # fmt: skip
 
 
+async def assert_flags_of_entries(
+    nodes: Redis, keys: Keys, settings: Settings, count: int | None = None
+) -> None:
+    """The flags written are those the stored entries give run straight through, none twice;
+    `count`: the entries stored, if given."""
+    written = await all_flags(nodes, keys, "source_id", "asset", "detector", "value_name",
+                              "event")  # fmt: skip
+    streams = keys.telemetry_streams(ROUTE)
+    by_stream: dict[str, list[Entry]] = {s: list(await entries(nodes, s)) for s in streams}
+    if count is not None:
+        assert sum(map(len, by_stream.values())) == count
+    assert len(written) == len(set(written)), "no duplicate flag"
+    assert sorted(written) == sorted(expected_flags(settings, by_stream))
+
+
 def crossslot_errors(cluster: LocalCluster) -> int:
     """CROSSSLOT replies sent by any node since it started (INFO errorstats)."""
     total = 0
@@ -150,13 +165,7 @@ async def test_a_worker_goes_on_through_a_failover_of_a_master_holding_its_shard
         assert sample([registry], "iotbridge_worker_entries_acked_total") == len(rows)
         assert app.readiness() == (True, "ready")
 
-    written = await all_flags(nodes, keys, "source_id", "asset", "detector", "value_name",
-                              "event")  # fmt: skip
-    streams = keys.telemetry_streams(ROUTE)
-    by_stream: dict[str, list[Entry]] = {s: list(await entries(nodes, s)) for s in streams}
-    assert sum(map(len, by_stream.values())) == len(rows)
-    assert len(written) == len(set(written)), "no duplicate flag"
-    assert sorted(written) == sorted(expected_flags(settings, by_stream))
+    await assert_flags_of_entries(nodes, keys, settings, len(rows))
     assert crossslot_errors(cluster) == 0
 
 
@@ -185,12 +194,7 @@ async def test_a_worker_goes_on_after_the_master_of_its_shards_is_killed(
         assert sample([registry], "iotbridge_worker_entries_acked_total") == len(rows)
         assert app.readiness() == (True, "ready")
 
-    written = await all_flags(nodes, keys, "source_id", "asset", "detector", "value_name",
-                              "event")  # fmt: skip
-    streams = keys.telemetry_streams(ROUTE)
-    by_stream: dict[str, list[Entry]] = {s: list(await entries(nodes, s)) for s in streams}
-    assert len(written) == len(set(written)), "no duplicate flag"
-    assert sorted(written) == sorted(expected_flags(settings, by_stream))
+    await assert_flags_of_entries(nodes, keys, settings)
 
 
 async def test_a_worker_goes_on_while_the_slot_of_its_shard_moves_to_another_master(
@@ -217,12 +221,7 @@ async def test_a_worker_goes_on_while_the_slot_of_its_shard_moves_to_another_mas
         await eventually(groups_done(nodes, keys, len(rows)), "after the move", 30)
         assert sample([registry], "iotbridge_worker_entries_acked_total") == len(rows)
 
-    written = await all_flags(nodes, keys, "source_id", "asset", "detector", "value_name",
-                              "event")  # fmt: skip
-    streams = keys.telemetry_streams(ROUTE)
-    by_stream: dict[str, list[Entry]] = {s: list(await entries(nodes, s)) for s in streams}
-    assert len(written) == len(set(written)), "no duplicate flag"
-    assert sorted(written) == sorted(expected_flags(settings, by_stream))
+    await assert_flags_of_entries(nodes, keys, settings)
     # A slot on the move is waited out, never taken for a poison entry.
     assert [await nodes.xlen(s) for s in keys.worker_dead_letter_streams()] == [0] * SHARDS
     assert crossslot_errors(cluster) == 0
